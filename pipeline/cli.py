@@ -1,0 +1,373 @@
+"""The `pipeline` command line (D6): a contract — keep names, options and JSON shapes stable.
+
+Machine-readable output goes to stdout, everything else (logs, progress, errors) to
+stderr. A command that cannot run (bad configuration, database or Redis unreachable)
+prints one line on stderr and exits 75 (EX_TEMPFAIL), so an MTA piping into `ingest`
+retries later; `ingest` itself exits 0 for every outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.errors import CannotRun
+
+EX_TEMPFAIL = 75
+
+
+def _emit(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _fail(message: str, code: int = EX_TEMPFAIL) -> None:
+    click.echo(f"pipeline: error: {message}", err=True)
+    sys.exit(code)
+
+
+class Runtime:
+    """What a command needs, opened lazily: configuration, store, Redis, processor."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._config: Config | None = None
+        self._store = None
+        self._processor = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return self._config
+
+    def store(self, *, migrate_sqlite: bool = True):  # -> Store
+        if self._store is None:
+            from pipeline.store.db import Store
+
+            store = Store(self.config.database_url)
+            if migrate_sqlite and store.dialect == "sqlite":
+                store.upgrade()  # the embedded default sets itself up; PostgreSQL takes `db upgrade`
+            store.check()
+            self._store = store
+        return self._store
+
+    def processor(self):  # -> MailProcessor
+        if self._processor is None:
+            from pipeline.process import MailProcessor, check_redis, connect_redis
+
+            client = connect_redis(self.config.redis_url)
+            check_redis(client, self.config.redis_url)
+            self._processor = MailProcessor(self.config, self.store(), client)
+        return self._processor
+
+
+def config_option(f: Callable) -> Callable:
+    """`--config PATH` on every command (also accepted before the command name)."""
+
+    def remember(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+        if value:
+            ctx.find_root().ensure_object(dict)["config"] = value
+        return value
+
+    return click.option("--config", "config_path", metavar="PATH", expose_value=False, callback=remember,
+                        is_eager=True, help="mailboxes.toml to use (default: $PIPELINE_CONFIG, else ./mailboxes.toml).")(f)
+
+
+def _runtime() -> Runtime:
+    obj = click.get_current_context().find_root().ensure_object(dict)
+    if "runtime" not in obj:
+        obj["runtime"] = Runtime(obj.get("config"))
+    return obj["runtime"]
+
+
+class _Group(click.Group):
+    """Turns the errors every command can hit into one line and exit 75."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, CannotRun) as exc:
+            _fail(str(exc))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@config_option
+@click.option("-v", "--verbose", is_flag=True, help="Log each stage's decisions to stderr.")
+def main(verbose: bool) -> None:
+    """mailloop: turn support mail into tickets, notes and answers that thread back.
+
+    Configuration comes from --config PATH, $PIPELINE_CONFIG or ./mailboxes.toml;
+    DATABASE_URL, REDIS_URL and CELERY_BROKER_URL override the file.
+    Start with `pipeline demo`.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# -- demo -------------------------------------------------------------------------------------
+
+@main.command()
+@config_option
+@click.option("--dir", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to keep the demo's database and Maildir (default: a new folder under ./demo-run).")
+def demo(run_dir: Path | None) -> None:
+    """Run the whole pipeline on the shipped example mail (SQLite, a Maildir, the local Redis)."""
+    from pipeline.demo import run_demo
+
+    run_demo(run_dir)
+
+
+# -- ingest / import / parse -------------------------------------------------------------------
+
+def _read_input(source: str) -> bytes:
+    if source == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise CannotRun(f"{source}: cannot read: {exc.strerror or exc}") from None
+
+
+@main.command()
+@config_option
+@click.option("--mailbox", required=True, metavar="NAME", help="The mailbox (from mailboxes.toml) the mail arrived in.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line: outcome, entity, reason, trace.")
+@click.option("--dry-run", is_flag=True, help="Show every stage's decision and why; write nothing.")
+@click.argument("source", metavar="FILE|-")
+def ingest(mailbox: str, as_json: bool, dry_run: bool, source: str) -> None:
+    """One raw mail through every stage, synchronously (also the MTA pipe: FILE is -).
+
+    Exits 0 for every outcome, 75 when it cannot run (so an MTA retries).
+    """
+    rt = _runtime()
+    rt.config.mailbox(mailbox)
+    raw = _read_input(source)
+    proc = rt.processor()
+    result = proc.dry_run(mailbox, raw) if dry_run else proc.ingest(mailbox, raw)
+    if as_json:
+        _emit(result.as_json())
+    else:
+        _print_result(result, dry_run)
+
+
+def _print_result(result: Any, dry_run: bool) -> None:
+    entity = f" {result.entity['type']} {result.entity['number'] or '(new)'}" if result.entity else ""
+    click.echo(f"{'would be ' if dry_run else ''}{result.outcome}{entity}"
+               + (f" — {result.reason}" if result.reason else ""))
+    for step in result.trace:
+        click.echo(f"  {step.stage:<18} {step.decision:<28} {step.why}")
+
+
+@main.command(name="import")
+@config_option
+@click.option("--mailbox", required=True, metavar="NAME", help="The mailbox the backlog belongs to.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line per mail.")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path), metavar="PATH…")
+def import_(mailbox: str, as_json: bool, paths: tuple[Path, ...]) -> None:
+    """A backlog: .eml files, folders of them, Maildirs or mbox files; progress and a summary on stderr.
+
+    Each mail's own Date: is its time for the loop guard.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pipeline.sources.files import iter_backlog, mail_date
+
+    rt = _runtime()
+    rt.config.mailbox(mailbox)
+    proc = rt.processor()
+    items = list(iter_backlog(paths))
+    counts: Counter[str] = Counter()
+    console = Console(stderr=True)
+    with Progress(TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=False, disable=not items) as progress:
+        task = progress.add_task("import", total=len(items))
+        for ref, load in items:
+            raw = load()
+            result = proc.ingest(mailbox, raw, received_at=mail_date(raw), source_ref=ref)
+            counts[result.outcome] += 1
+            if as_json:
+                _emit(result.as_json())
+            progress.advance(task)
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing to import"
+    console.print(f"imported {len(items)} mail(s): {summary}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the parsed mail as one JSON object.")
+@click.argument("source", metavar="FILE|-")
+def parse(as_json: bool, source: str) -> None:
+    """Parse only: headers, text, new text, attachments, auto-reply and bounce signals."""
+    from pipeline.parsers.mime import Unparseable, parse_mail
+
+    raw = _read_input(source)
+    try:
+        mail = parse_mail(raw)
+    except Unparseable as exc:
+        if as_json:
+            _emit({"error": "unparseable", "reason": str(exc)})
+        else:
+            click.echo(f"unparseable: {exc}")
+        return
+    data = mail.as_json()
+    if as_json:
+        _emit(data)
+        return
+    for key in ("message_id", "from_address", "from_name", "subject", "date", "in_reply_to",
+                "is_auto_reply", "is_bounce"):
+        click.echo(f"{key:>14}: {data[key]}")
+    for a in data["attachments"]:
+        click.echo(f"{'attachment':>14}: {a['filename']} ({a['content_type']}, {a['size']} bytes)")
+    click.echo("\n" + data["body_new"])
+
+
+# -- directory, tickets, notifications -------------------------------------------------------
+
+@main.group(cls=_Group)
+def directory() -> None:
+    """Accounts, contacts, resources, queues and projects."""
+
+
+@directory.command(name="load")
+@config_option
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def directory_load(file: Path) -> None:
+    """Upsert a directory file (TOML, or CSV with a header row); safe to run again."""
+    from pipeline.store.directory import load_directory
+
+    rt = _runtime()
+    counts = load_directory(rt.store(), file, rt.config.settings.numbering)
+    click.echo(f"loaded {file}: " + ", ".join(f"{n} {k}(s)" for k, n in counts.items() if n), err=True)
+
+
+@main.group(cls=_Group)
+def tickets() -> None:
+    """List and show tickets."""
+
+
+@tickets.command(name="list")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def tickets_list(as_json: bool) -> None:
+    """The newest tickets first."""
+    from pipeline.store.queries import list_tickets
+
+    rt = _runtime()
+    with rt.store().sessions() as session:
+        rows = list_tickets(session)
+    if as_json:
+        for row in rows:
+            _emit(row)
+        return
+    from pipeline.render import ticket_table
+
+    ticket_table(rows)
+
+
+@tickets.command(name="show")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (D6).")
+@click.argument("number")
+def tickets_show(as_json: bool, number: str) -> None:
+    """One ticket with its notes, time entries and timeline."""
+    from pipeline.store.queries import show_ticket
+
+    rt = _runtime()
+    with rt.store().sessions() as session:
+        data = show_ticket(session, number)
+    if data is None:
+        _fail(f"no ticket {number}", 1)
+    if as_json:
+        _emit(data)
+        return
+    from pipeline.render import ticket_detail
+
+    ticket_detail(data)
+
+
+@main.group(cls=_Group)
+def notifications() -> None:
+    """The outbox: notifications written with each ticket or note."""
+
+
+@notifications.command(name="list")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def notifications_list(as_json: bool) -> None:
+    from pipeline.store.queries import list_notifications
+
+    rt = _runtime()
+    with rt.store().sessions() as session:
+        rows = list_notifications(session)
+    for row in rows:
+        if as_json:
+            _emit(row)
+        else:
+            click.echo(f"{row['id']:>5}  {row['status']:<8} {row['event']:<16} {', '.join(row['to']):<32} {row['subject']}")
+
+
+@notifications.command(name="show")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.argument("notification_id", type=int, metavar="ID")
+def notifications_show(as_json: bool, notification_id: int) -> None:
+    from pipeline.store.models import Notification
+    from pipeline.store.queries import notification_json
+
+    rt = _runtime()
+    with rt.store().sessions() as session:
+        n = session.get(Notification, notification_id)
+        data = notification_json(n, with_body=True) if n else None
+    if data is None:
+        _fail(f"no notification {notification_id}", 1)
+    if as_json:
+        _emit(data)
+        return
+    for key in ("id", "event", "status", "from", "to", "subject", "message_id", "in_reply_to", "references"):
+        click.echo(f"{key:>12}: {data[key]}")
+    click.echo("\n" + data["body_text"])
+
+
+# -- configuration and schema --------------------------------------------------------------
+
+@main.command(name="check-config")
+@config_option
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+def check_config(path: str | None) -> None:
+    """Validate mailboxes.toml; exit 1 with one line naming file, line and key if it is broken."""
+    try:
+        cfg = load_config(path or _runtime().config_path)
+    except ConfigError as exc:
+        click.echo(f"pipeline: error: {exc}", err=True)
+        sys.exit(1)
+    names = ", ".join(f"{b.name} <{b.address}>" for b in cfg.mailboxes)
+    click.echo(f"{cfg.path}: ok — {len(cfg.mailboxes)} mailbox(es): {names}")
+
+
+@main.group(cls=_Group)
+def db() -> None:
+    """The database schema."""
+
+
+@db.command(name="upgrade")
+@config_option
+def db_upgrade() -> None:
+    """Create or migrate the schema to the newest revision (Alembic)."""
+    rt = _runtime()
+    from pipeline.store.db import Store
+
+    store = Store(rt.config.database_url)
+    store.upgrade()
+    click.echo(f"database {store.safe_url} is at the newest schema", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

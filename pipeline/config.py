@@ -1,0 +1,361 @@
+"""Configuration (D5): `mailboxes.toml` validated into a typed model.
+
+Found by `--config PATH`, else `$PIPELINE_CONFIG`, else `./mailboxes.toml`.
+A broken file is refused with file, line, key and what was expected — never a
+traceback — by `ConfigError`, whose `str()` is that one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG_NAME = "mailboxes.toml"
+
+STATUSES = ("New", "In Progress", "Waiting Customer", "Waiting Until", "Resolved", "Closed")
+PRIORITIES = ("Low", "Medium", "High", "Critical")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one line for a person."""
+
+
+class _Model(BaseModel):
+    # Unknown keys are refused: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseSettings(_Model):
+    url: str = "sqlite:///mailloop.db"
+
+
+class RedisSettings(_Model):
+    url: str = "redis://127.0.0.1:6379/0"
+    # Every key mailloop writes starts with this, so one Redis can serve several installs.
+    key_prefix: str = "mailloop:"
+
+
+class CelerySettings(_Model):
+    broker_url: str | None = None  # default: the Redis URL
+
+
+class LoopGuardSettings(_Model):
+    limit: int = Field(2, ge=1)
+    window_seconds: int = Field(300, ge=1)
+    exempt_trusted_resources: bool = True
+
+
+class NumberingSettings(_Model):
+    timezone: str = "UTC"
+    ticket: str = "T{date:%Y%m%d}.{seq:04d}"
+    task: str = "K{date:%Y%m%d}.{seq:04d}"
+    project: str = "P{date:%Y%m%d}.{seq:04d}"
+    ticket_tag: str = "[Ticket#{number}]"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"a time zone name such as 'UTC' or 'Europe/Berlin', got {value!r}")
+        return value
+
+    @field_validator("ticket", "task", "project")
+    @classmethod
+    def _formats(cls, value: str) -> str:
+        if "{seq" not in value:
+            raise ValueError("a format containing {seq}, e.g. 'T{date:%Y%m%d}.{seq:04d}'")
+        return value
+
+    @field_validator("ticket_tag")
+    @classmethod
+    def _tag(cls, value: str) -> str:
+        if "{number}" not in value:
+            raise ValueError("a tag containing {number}, e.g. '[Ticket#{number}]'")
+        return value
+
+
+class DirectorySettings(_Model):
+    # Added to the shipped list of public mail domains (pipeline/data/public_domains.txt).
+    public_domains_extra: list[str] = []
+
+
+class SourceSettings(_Model):
+    kind: Literal["maildir", "stdin", "imap", "pop3", "smtp", "lmtp"] = "stdin"
+    path: str | None = None  # Maildir folder
+    host: str | None = None
+    port: int | None = None
+    username: str | None = None
+    password_env: str | None = None  # secrets only by environment-variable name
+    folder: str | None = None
+    poll_seconds: int = Field(60, ge=1)
+
+    @model_validator(mode="after")
+    def _needs(self) -> "SourceSettings":
+        if self.kind == "maildir" and not self.path:
+            raise ValueError("a Maildir source needs 'path'")
+        return self
+
+
+class TicketDefaults(_Model):
+    queue: str | None = None
+    priority: Literal["Low", "Medium", "High", "Critical"] = "Medium"
+    status: Literal["New", "In Progress"] = "New"
+    source: str = "Email"
+    category: str | None = None
+
+
+class UnknownSenderPolicy(_Model):
+    match_domain: bool = True  # never for public mail domains
+    otherwise: Literal["create_contact", "reject", "quarantine"] = "create_contact"
+    default_account: str = "Unassigned"
+
+
+class DuplicateTicketRule(_Model):
+    rule: Literal["note", "link", "new"] = "note"
+
+
+class TrustPolicy(_Model):
+    # authserv-ids whose Authentication-Results are believed (D8).
+    authserv_ids: list[str] = []
+    # Hosts (besides the authserv-ids) whose Received: lines are inside the trust, e.g.
+    # an internal relay between the receiving MX and mailloop.
+    trusted_hosts: list[str] = []
+    require: Literal["dmarc", "dkim_aligned", "dmarc_or_dkim_aligned"] = "dmarc"
+
+
+class NotificationSettings(_Model):
+    from_address: str | None = None  # default: the mailbox address
+    from_name: str | None = None
+    ticket_created: bool = True
+    note_added: bool = True
+    sender_rejected: bool = True
+
+
+class MailboxConfig(_Model):
+    name: str = Field(min_length=1)
+    address: str = Field(min_length=3)
+    source: SourceSettings = SourceSettings()
+    ticket_defaults: TicketDefaults = TicketDefaults()
+    unknown_sender: UnknownSenderPolicy = UnknownSenderPolicy()
+    duplicate_ticket: DuplicateTicketRule = DuplicateTicketRule()
+    trust: TrustPolicy = TrustPolicy()
+    loop_guard: LoopGuardSettings | None = None  # default: the global [loop_guard]
+    feedback_window_days: int = Field(3, ge=0)
+    notifications: NotificationSettings = NotificationSettings()
+    parser_stages: list[str] = ["ticket_number", "reply_reference"]
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", value):
+            raise ValueError(f"a mail address such as 'support@msp.example', got {value!r}")
+        return value.lower()
+
+
+class Settings(_Model):
+    database: DatabaseSettings = DatabaseSettings()
+    redis: RedisSettings = RedisSettings()
+    celery: CelerySettings = CelerySettings()
+    loop_guard: LoopGuardSettings = LoopGuardSettings()
+    numbering: NumberingSettings = NumberingSettings()
+    directory: DirectorySettings = DirectorySettings()
+    mailbox: list[MailboxConfig] = Field(default_factory=list, min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Settings":
+        seen: set[str] = set()
+        for box in self.mailbox:
+            if box.name in seen:
+                raise ValueError(f"mailbox names must be unique; {box.name!r} appears twice")
+            seen.add(box.name)
+        return self
+
+
+class Config:
+    """Validated settings plus where they came from."""
+
+    def __init__(self, settings: Settings, path: Path | None) -> None:
+        self.settings = settings
+        self.path = path
+        self.base_dir = path.parent if path else Path.cwd()
+
+    @property
+    def database_url(self) -> str:
+        url = os.environ.get("DATABASE_URL") or self.settings.database.url
+        return _resolve_sqlite(url, self.base_dir)
+
+    @property
+    def redis_url(self) -> str:
+        return os.environ.get("REDIS_URL") or self.settings.redis.url
+
+    @property
+    def broker_url(self) -> str:
+        return os.environ.get("CELERY_BROKER_URL") or self.settings.celery.broker_url or self.redis_url
+
+    @property
+    def mailboxes(self) -> list[MailboxConfig]:
+        return list(self.settings.mailbox)
+
+    def mailbox(self, name: str) -> MailboxConfig:
+        for box in self.settings.mailbox:
+            if box.name == name:
+                return box
+        known = ", ".join(b.name for b in self.settings.mailbox)
+        raise ConfigError(f"{self.path or 'configuration'}: no mailbox named {name!r} (known: {known})")
+
+    def loop_guard_for(self, box: MailboxConfig) -> LoopGuardSettings:
+        return box.loop_guard or self.settings.loop_guard
+
+    def resolve_path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+
+def _resolve_sqlite(url: str, base: Path) -> str:
+    # Relative SQLite paths are relative to the configuration file, not to the cwd.
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+        return prefix + str((base / url[len(prefix):]).resolve())
+    return url
+
+
+def find_config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("PIPELINE_CONFIG")
+    if env:
+        return Path(env)
+    return Path.cwd() / DEFAULT_CONFIG_NAME
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+    path = find_config_path(explicit)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: configuration file not found (give --config PATH, set PIPELINE_CONFIG, "
+            f"or create ./{DEFAULT_CONFIG_NAME})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc}") from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path | None = None) -> Config:
+    name = str(path) if path else "<config>"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already ends with "(at line N, column M)".
+        line = getattr(exc, "lineno", None) or _line_from_message(str(exc))
+        raise ConfigError(f"{name}:{line}: not valid TOML: {exc}") from None
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [p for p in err["loc"] if p not in ("function-after",)]
+        line = locate_key(text, loc)
+        key = _dotted(loc)
+        raise ConfigError(f"{name}:{line}: {key}: {_expected(err)}") from None
+    return Config(settings, path)
+
+
+def _line_from_message(message: str) -> int | str:
+    m = re.search(r"line (\d+)", message)
+    return int(m.group(1)) if m else "?"
+
+
+def _dotted(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _expected(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; see the example mailboxes.toml)"
+    if kind == "missing":
+        return "required key is missing"
+    msg = err["msg"]
+    msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
+    if kind.startswith("literal"):
+        return f"expected {msg.removeprefix('Input should be ')}, got {got!r}"
+    if kind in ("int_parsing", "int_type", "bool_type", "bool_parsing", "string_type", "list_type",
+                "model_type", "dict_type", "greater_than_equal", "too_short"):
+        return f"{msg.lower()}, got {got!r}"
+    return f"expected {msg}"
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"]+)\s*\]\]?")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"]+)\s*=")
+
+
+def locate_key(text: str, loc: list[Any]) -> int | str:
+    """Best-effort line of the key at `loc` (a pydantic error location) in TOML `text`.
+
+    Walks the file tracking the current table path and array-of-tables indices, and
+    returns the line where the deepest matching key (or table header) is written.
+    """
+    target = [p for p in loc]
+    counters: dict[str, int] = {}
+    table: list[Any] = []
+    best_line: int | str = "?"
+    best_depth = -1
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(line)
+        if header:
+            names = header.group(2).replace('"', "").split(".")
+            if header.group(1) == "[[":
+                dotted = ".".join(names)
+                counters[dotted] = counters.get(dotted, -1) + 1
+                # Nested arrays of tables restart their counters under a new parent.
+                for k in list(counters):
+                    if k.startswith(dotted + "."):
+                        del counters[k]
+            table = _path_with_indices(names, counters)
+            path = table
+        else:
+            key = _KEY.match(line)
+            if not key:
+                continue
+            path = table + [key.group(1).replace('"', "")]
+        depth = _match_depth(path, target)
+        if depth > best_depth:
+            best_depth, best_line = depth, lineno
+            if depth == len(target):
+                return lineno
+    return best_line
+
+
+def _path_with_indices(names: list[str], counters: dict[str, int]) -> list[Any]:
+    path: list[Any] = []
+    for i, name in enumerate(names):
+        path.append(name)
+        dotted = ".".join(names[: i + 1])
+        if dotted in counters:
+            path.append(counters[dotted])
+    return path
+
+
+def _match_depth(path: list[Any], target: list[Any]) -> int:
+    if len(path) > len(target):
+        return -1
+    for a, b in zip(path, target):
+        if a != b:
+            return -1
+    return len(path)

@@ -1,0 +1,1 @@
+"""Whether to process a mail: already processed (identity) and the loop guard."""

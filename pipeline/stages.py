@@ -1,0 +1,281 @@
+"""The stages of D1, and the pipeline: the ordered list at the bottom of this module.
+
+Each stage is a small class with a `name` and `__call__(ctx, env)`: it reads the typed
+`MailContext`, annotates it, notes its decision in the trace, and stops the mail by
+raising `StopMail` with a named outcome. The decisions themselves live in plain
+functions (`parse_mail`, `evaluate`, `decide_sender`, `normalise_subject`, …) that need
+no database, Redis or Celery; `env` gives a stage the reads and the Redis it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from sqlalchemy.orm import Session
+
+from pipeline.attribute import decide_sender
+from pipeline.context import MailContext, StopMail, Target
+from pipeline.dedup.loop_guard import LoopGuard
+from pipeline.parsers.mime import Unparseable, mail_identity, parse_mail
+from pipeline.parsers.subject import normalise_subject
+from pipeline.registry import build_parser_stages
+from pipeline.store.lookups import EntityInfo, Lookups
+from pipeline.store.write import write_mail
+from pipeline.trust import evaluate
+
+
+@dataclass
+class StageEnv:
+    session: Session
+    lookups: Lookups
+    loop_guard: LoopGuard
+
+
+class Stage(Protocol):
+    name: str
+
+    def __call__(self, ctx: MailContext, env: StageEnv) -> None: ...
+
+
+class Parse:
+    """MIME, headers, bodies, attachments, auto-reply signals; unparseable → quarantine."""
+
+    name = "parse"
+
+    def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        try:
+            ctx.mail = parse_mail(ctx.raw)
+        except Unparseable as exc:
+            ctx.note(self.name, "unparseable", str(exc))
+            raise StopMail("quarantined", f"unparseable: {exc}") from None
+        ctx.identity = mail_identity(ctx.mail)
+        m = ctx.mail
+        ctx.note(self.name, "parsed", f"from {m.from_address}, subject {m.subject!r}, "
+                 f"{len(m.body_text)} chars of text, {len(m.attachments)} attachment(s)")
+
+
+class Authenticate:
+    """Did the mail pass the mailbox's trust policy (D8)?"""
+
+    name = "authenticate"
+
+    def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        ctx.trust = evaluate(ctx.parsed.headers, ctx.parsed.from_address, ctx.mailbox.trust)
+        ctx.note(self.name, "passed" if ctx.trust.passed else "not passed", ctx.trust.why)
+
+
+class Attribute:
+    """Resource, contact, or unknown sender under the mailbox's policy (D1.3)."""
+
+    name = "attribute"
+
+    def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        address = ctx.parsed.from_address
+        policy = ctx.mailbox.unknown_sender
+        resource = env.lookups.resource(address)
+        contact = None if resource else env.lookups.contact(address)
+        domain_account = default = None
+        if not resource and not contact:
+            domain_account = env.lookups.account_by_domain(address.rsplit("@", 1)[-1])
+            default = env.lookups.account_by_name(policy.default_account)
+        ctx.sender = decide_sender(
+            address, ctx.parsed.from_name,
+            resource=resource and (resource.id, resource.name),
+            contact=contact and (contact.id, contact.name, contact.account_id, contact.account.name),
+            domain_account=domain_account and (domain_account.id, domain_account.name),
+            default_account=default and (default.id, default.name),
+            policy=policy,
+            public_domains_extra=ctx.config.settings.directory.public_domains_extra,
+        )
+        decision = ctx.sender.kind if ctx.sender.policy == "accept" else ctx.sender.policy
+        if ctx.sender.kind == "resource" and not ctx.trust.passed:
+            decision = "unverified resource"
+            ctx.no_answer = "mail from a resource address that failed the trust policy"
+        ctx.note(self.name, decision, ctx.sender.why)
+
+
+class Extract:
+    """The mailbox's parser stages (D9), in its configured order: numbers, replies, plug-ins."""
+
+    name = "extract"
+
+    def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        for stage in build_parser_stages(ctx.mailbox.parser_stages):
+            stage(ctx)
+
+
+class Resolve:
+    """Which entity the mail is written to, under D8's rule on who may write where."""
+
+    name = "resolve"
+
+    def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        sender = ctx.sender
+        unverified = sender.kind == "resource" and not ctx.trust.passed
+        for ref in ctx.references:
+            entity = env.lookups.entity(ref)
+            if entity is None:
+                ctx.note(self.name, "unknown number", f"{ref.type} {ref.number} does not exist")
+                continue
+            allowed, why = self._may_write(ctx, env, entity, ref.via)
+            if not allowed:
+                ctx.note(self.name, "not attached", f"{ref.number}: {why}")
+                continue
+            if entity.type == "ticket" and entity.status == "Closed":
+                ctx.target = Target("new_ticket", link_to_ticket_id=entity.id,
+                                    internal=unverified, why=f"{entity.number} is Closed; new ticket linked to it")
+            else:
+                ctx.target = Target("existing", entity.type, entity.id, entity.number, internal=unverified,
+                                    why=f"{entity.number}: {why}")
+            break
+        else:
+            ctx.target = Target("new_ticket", internal=unverified,
+                                why="no reference" if not ctx.references else "no reference it may write to")
+        if unverified:
+            ctx.target.why += "; unverified sender: internal note only"
+        ctx.note(self.name, "note on " + ctx.target.number if ctx.target.kind == "existing" else "new ticket",
+                 ctx.target.why)
+
+    @staticmethod
+    def _may_write(ctx: MailContext, env: StageEnv, entity: EntityInfo, via: str) -> tuple[bool, str]:
+        s = ctx.sender
+        mail = ctx.parsed
+        if via == "reply" and env.lookups.sent_by_us(mail.in_reply_to + mail.references, entity):
+            return True, "answers our notification"
+        if s.kind == "resource":
+            return True, "sender is a resource"
+        if s.contact_id is not None and s.contact_id == entity.contact_id:
+            return True, "sender is the ticket's contact"
+        if s.account_id is not None and not s.account_is_default and s.account_id == entity.account_id:
+            return True, f"sender belongs to its account {s.account_name}"
+        if env.lookups.was_notified(s.address, entity):
+            return True, "sender received a notification on it"
+        return False, "the sender is not its contact, of its account, a resource or a notified recipient"
+
+
+class AlreadyProcessed:
+    """Gate 1: the same mail identity is processed once, across mailboxes and workers."""
+
+    name = "already_processed"
+
+    def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        journal_id = env.lookups.processed_by(ctx.identity)
+        if journal_id is not None and journal_id != ctx.journal_id:
+            ctx.note(self.name, "already processed", f"same mail as journal #{journal_id}")
+            raise StopMail("already_processed", f"same mail as journal #{journal_id}")
+        ctx.note(self.name, "new", "identity not seen before")
+
+
+class LoopGuardGate:
+    """Gate 2: at most N mails per mailbox + sender + normalised subject per window."""
+
+    name = "loop_guard"
+
+    def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        settings = ctx.config.loop_guard_for(ctx.mailbox)
+        if ctx.claimed_by:
+            ctx.note(self.name, "exempt", f"claimed by {ctx.claimed_by}, which correlates floods itself")
+            return
+        if ctx.sender.kind == "resource" and ctx.trust.passed and settings.exempt_trusted_resources:
+            ctx.note(self.name, "exempt", "authenticated resource")
+            return
+        subject_key = normalise_subject(ctx.parsed.subject)
+        decision = env.loop_guard.check(
+            mailbox=ctx.mailbox.name, sender=ctx.parsed.from_address, normalised_subject=subject_key,
+            at=ctx.received_at.timestamp(), member=str(ctx.journal_id or ""),
+            limit=settings.limit, window_seconds=settings.window_seconds, peek=ctx.dry_run,
+        )
+        window = f"{settings.limit} per {settings.window_seconds}s"
+        if not decision.admitted:
+            why = (f"{decision.seen} mails from {ctx.parsed.from_address} with subject {subject_key!r} "
+                   f"already in the window ({window})")
+            ctx.note(self.name, "discard", why)
+            raise StopMail("discarded", f"loop guard: {why}")
+        seen = "counted before (replay)" if decision.seen < 0 else f"{decision.seen + 1} of {settings.limit}"
+        ctx.note(self.name, "pass", f"{seen} in the window ({window})")
+
+
+class AutoReplyGate:
+    """Gate 3: auto-replies and bounces are written like other mail but never answered."""
+
+    name = "auto_reply"
+
+    def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        why = ctx.parsed.auto_reply_why or ctx.parsed.bounce_why
+        if why:
+            kind = "bounce" if ctx.parsed.bounce_why else "auto-reply"
+            ctx.no_answer = ctx.no_answer or f"{kind}: {why}"
+            ctx.note(self.name, f"{kind}: never answered", why)
+        else:
+            ctx.note(self.name, "person", "no auto-reply or bounce signal")
+
+
+class SenderPolicy:
+    """Unknown senders the mailbox rejects or quarantines stop here, after the gates."""
+
+    name = "sender_policy"
+
+    def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        if ctx.sender.policy == "reject":
+            ctx.note(self.name, "reject", ctx.sender.why)
+            raise StopMail("rejected", ctx.sender.why)
+        if ctx.sender.policy == "quarantine":
+            ctx.note(self.name, "quarantine", ctx.sender.why)
+            raise StopMail("quarantined", ctx.sender.why)
+        ctx.note(self.name, "accept", ctx.sender.why)
+
+
+class DuplicateTicketRule:
+    """Gate 4: a new conversation that repeats an open ticket's subject (D1.5.4)."""
+
+    name = "duplicate_ticket"
+
+    def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        if ctx.target.kind != "new_ticket" or ctx.references or ctx.target.internal:
+            ctx.note(self.name, "not applicable", "the mail refers to an entity" if ctx.references
+                     else "not a new customer conversation")
+            return
+        s = ctx.sender
+        key = normalise_subject(ctx.parsed.subject)
+        account = None if s.account_is_default else s.account_id
+        ticket = env.lookups.open_ticket_like(key, s.contact_id, account)
+        if ticket is None:
+            ctx.note(self.name, "no match", "no open ticket with this subject from this sender or account")
+            return
+        rule = ctx.mailbox.duplicate_ticket.rule
+        if rule == "note":
+            ctx.target = Target("existing", "ticket", ticket.id, ticket.number,
+                                why=f"same subject as open ticket {ticket.number}")
+        elif rule == "link":
+            ctx.target = Target("new_ticket", link_to_ticket_id=ticket.id,
+                                why=f"same subject as open ticket {ticket.number}; new ticket linked to it")
+        ctx.note(self.name, {"note": f"note on {ticket.number}", "link": f"new ticket linked to {ticket.number}",
+                             "new": "new ticket"}[rule], f"open ticket {ticket.number} has the same subject; "
+                 f"mailbox rule is {rule!r}")
+
+
+class Write:
+    """One transaction: the ticket or note, attachments, timeline, outbox, journal outcome."""
+
+    name = "write"
+
+    def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        write_mail(env.session, ctx)
+
+
+# The pipeline (D1, D9). The order is the specification: gates run in D1.5's order and
+# nothing is written before every gate has passed.
+PIPELINE: tuple[Stage, ...] = (
+    Parse(),
+    Authenticate(),
+    Attribute(),
+    Extract(),
+    Resolve(),
+    AlreadyProcessed(),
+    LoopGuardGate(),
+    AutoReplyGate(),
+    SenderPolicy(),
+    DuplicateTicketRule(),
+    Write(),
+)

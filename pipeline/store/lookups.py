@@ -1,0 +1,117 @@
+"""The reads that stages make, on one session (the mail's transaction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from pipeline.context import EntityRef, EntityType
+from pipeline.store.models import (
+    Account,
+    AccountDomain,
+    Contact,
+    Notification,
+    NotificationRecipient,
+    ProcessedMail,
+    Project,
+    Resource,
+    Task,
+    Ticket,
+)
+
+OPEN_STATUSES = ("New", "In Progress", "Waiting Customer", "Waiting Until")
+
+
+@dataclass(frozen=True)
+class EntityInfo:
+    type: EntityType
+    id: int
+    number: str
+    status: str
+    account_id: int | None
+    contact_id: int | None
+
+
+class Lookups:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def resource(self, email: str) -> Resource | None:
+        return self.session.scalar(select(Resource).where(Resource.email == email.lower()))
+
+    def contact(self, email: str) -> Contact | None:
+        return self.session.scalar(select(Contact).where(Contact.email == email.lower()))
+
+    def account_by_domain(self, domain: str) -> Account | None:
+        """The account owning `domain` or its nearest parent domain (mail.acme.example → acme.example)."""
+        labels = domain.lower().split(".")
+        candidates = [".".join(labels[i:]) for i in range(len(labels) - 1)]
+        if not candidates:
+            return None
+        rows = self.session.execute(
+            select(AccountDomain.domain, Account).join(Account).where(AccountDomain.domain.in_(candidates))
+        ).all()
+        by_domain = {d: a for d, a in rows}
+        for c in candidates:
+            if c in by_domain:
+                return by_domain[c]
+        return None
+
+    def account_by_name(self, name: str) -> Account | None:
+        return self.session.scalar(select(Account).where(Account.name == name))
+
+    def processed_by(self, identity: str) -> int | None:
+        """The journal id that processed this mail identity, if any."""
+        return self.session.scalar(select(ProcessedMail.journal_id).where(ProcessedMail.identity == identity))
+
+    def entity(self, ref: EntityRef) -> EntityInfo | None:
+        if ref.type == "ticket":
+            t = self.session.scalar(select(Ticket).where(Ticket.number == ref.number))
+            return t and EntityInfo("ticket", t.id, t.number, t.status, t.account_id, t.contact_id)
+        if ref.type == "task":
+            k = self.session.scalar(select(Task).where(Task.number == ref.number))
+            return k and EntityInfo("task", k.id, k.number, k.status, k.project.account_id, None)
+        p = self.session.scalar(select(Project).where(Project.number == ref.number))
+        return p and EntityInfo("project", p.id, p.number, "In Progress", p.account_id, None)
+
+    def sent_by_us(self, message_ids: list[str], entity: EntityInfo) -> bool:
+        """Is one of `message_ids` a notification we sent about `entity`?"""
+        if not message_ids:
+            return False
+        return self.session.scalar(
+            select(Notification.id).where(
+                Notification.message_id.in_(message_ids),
+                Notification.entity_type == entity.type,
+                Notification.entity_id == entity.id,
+            ).limit(1)
+        ) is not None
+
+    def was_notified(self, email: str, entity: EntityInfo) -> bool:
+        """Was `email` a recipient of a notification on `entity`?"""
+        return self.session.scalar(
+            select(Notification.id)
+            .join(NotificationRecipient)
+            .where(
+                NotificationRecipient.email == email.lower(),
+                Notification.entity_type == entity.type,
+                Notification.entity_id == entity.id,
+            ).limit(1)
+        ) is not None
+
+    def open_ticket_like(self, subject_key: str, contact_id: int | None, account_id: int | None) -> Ticket | None:
+        """The newest open ticket with this normalised subject from this contact (or account)."""
+        if not subject_key or (contact_id is None and account_id is None):
+            return None
+        who = []
+        if contact_id is not None:
+            who.append(Ticket.contact_id == contact_id)
+        if account_id is not None:
+            who.append(Ticket.account_id == account_id)
+        return self.session.scalar(
+            select(Ticket)
+            .where(Ticket.subject_key == subject_key, Ticket.status.in_(OPEN_STATUSES), or_(*who))
+            .order_by(Ticket.id.desc())
+            .limit(1)
+        )

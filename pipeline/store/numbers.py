@@ -1,0 +1,32 @@
+"""Ticket, task and project numbers (D3): unique under any number of concurrent writers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from pipeline.config import NumberingSettings
+from pipeline.store.models import NumberSequence
+
+
+
+def allocate_number(session: Session, kind: str, numbering: NumberingSettings, now: datetime) -> str:
+    """The next number of `kind` for today's date in the configured time zone.
+
+    One upsert that increments and returns the counter: atomic on PostgreSQL (the row
+    lock serialises concurrent writers) and on SQLite (one writer at a time).
+    """
+    local = now.astimezone(ZoneInfo(numbering.timezone))
+    day = local.strftime("%Y-%m-%d")
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(NumberSequence).values(kind=kind, day=day, last_value=1)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[NumberSequence.kind, NumberSequence.day],
+        set_={"last_value": NumberSequence.last_value + 1},
+    ).returning(NumberSequence.last_value)
+    seq = session.execute(stmt).scalar_one()
+    fmt = getattr(numbering, kind)
+    return fmt.format(date=local, seq=seq)
