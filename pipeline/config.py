@@ -167,7 +167,7 @@ class Settings(_Model):
     loop_guard: LoopGuardSettings = LoopGuardSettings()
     numbering: NumberingSettings = NumberingSettings()
     directory: DirectorySettings = DirectorySettings()
-    mailbox: list[MailboxConfig] = Field(default_factory=list, min_length=1)
+    mailbox: list[MailboxConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Settings":
@@ -266,7 +266,20 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         line = locate_key(text, loc)
         key = _dotted(loc)
         raise ConfigError(f"{name}:{line}: {key}: {_expected(err)}") from None
+    _check_parser_stages(settings, text, name)
     return Config(settings, path)
+
+
+def _check_parser_stages(settings: Settings, text: str, name: str) -> None:
+    from pipeline.registry import available_stages
+
+    known = available_stages()
+    for i, box in enumerate(settings.mailbox):
+        for stage in box.parser_stages:
+            if stage not in known:
+                line = locate_key(text, ["mailbox", i, "parser_stages"])
+                raise ConfigError(f"{name}:{line}: mailbox[{i}].parser_stages: unknown parser stage {stage!r} "
+                                  f"(registered: {', '.join(sorted(known))})")
 
 
 def _line_from_message(message: str) -> int | str:
@@ -290,6 +303,8 @@ def _expected(err: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         return "unknown key (check the spelling; see the example mailboxes.toml)"
     if kind == "missing":
+        if tuple(err["loc"]) == ("mailbox",):
+            return "at least one [[mailbox]] table is required"
         return "required key is missing"
     msg = err["msg"]
     msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
@@ -305,16 +320,16 @@ _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"]+)\s*\]\]?")
 _KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"]+)\s*=")
 
 
-def locate_key(text: str, loc: list[Any]) -> int | str:
+def locate_key(text: str, loc: list[Any]) -> int:
     """Best-effort line of the key at `loc` (a pydantic error location) in TOML `text`.
 
     Walks the file tracking the current table path and array-of-tables indices, and
     returns the line where the deepest matching key (or table header) is written.
     """
-    target = [p for p in loc]
+    target = list(loc)
     counters: dict[str, int] = {}
     table: list[Any] = []
-    best_line: int | str = "?"
+    best_line = 1  # a key missing from the top level: the file's first line
     best_depth = -1
     for lineno, line in enumerate(text.splitlines(), start=1):
         header = _HEADER.match(line)

@@ -34,6 +34,8 @@ from pipeline.store.queries import list_tickets
 
 def run_demo(run_dir: Path | None = None) -> None:
     out = Console()
+    if not out.is_terminal:
+        out = Console(width=140)  # piped or captured: wide enough for the tables
     err = Console(stderr=True)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir = (run_dir or Path.cwd() / "demo-run" / run_id).resolve()
@@ -111,10 +113,16 @@ def _label(store: Store, journal_id: int) -> str:
 
 
 def _why(result: Result) -> str:
-    for step in reversed(result.trace):
-        if step.stage in ("resolve", "duplicate_ticket", "auto_reply") and step.why:
-            return step.why
-    return result.trace[-1].why if result.trace else ""
+    """The one decision that best explains an outcome, for the summary table."""
+    steps = {s.stage: s for s in result.trace}
+    auto = steps.get("auto_reply")
+    if auto and "never answered" in auto.decision:
+        return f"{auto.decision} ({auto.why})"
+    dup = steps.get("duplicate_ticket")
+    if dup and dup.decision not in ("not applicable", "no match", "new ticket"):
+        return dup.why
+    resolve = steps.get("resolve")
+    return resolve.why if resolve else (result.trace[-1].why if result.trace else "")
 
 
 def _base(from_name: str, from_addr: str, subject: str, body: str) -> EmailMessage:

@@ -38,6 +38,13 @@ def number_pattern(fmt: str) -> re.Pattern[str]:
     return re.compile(r"(?<![A-Za-z0-9])(" + "".join(out) + r")(?![0-9])", re.IGNORECASE)
 
 
+@lru_cache(maxsize=16)
+def tag_pattern(tag_format: str, number_format: str) -> re.Pattern[str]:
+    """A regex matching our ticket tag, e.g. '[Ticket#T20261123.0001]'."""
+    before, _, after = tag_format.partition("{number}")
+    return re.compile(re.escape(before) + number_pattern(number_format).pattern + re.escape(after), re.IGNORECASE)
+
+
 def find_number(text: str, fmt: str) -> str | None:
     m = number_pattern(fmt).search(text or "")
     return m.group(1).upper() if m else None

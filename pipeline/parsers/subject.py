@@ -15,13 +15,23 @@ _GATEWAY_TAG = re.compile(r"^\s*(?:\[(?:external|ext|extern|caution|spam|suspect
                           re.IGNORECASE)
 
 
-def normalise_subject(subject: str) -> str:
-    """`RE: Fwd: AW:  Printer  down` → `printer down`; a ticket tag is kept."""
+def strip_prefixes(subject: str) -> str:
+    """`RE: [EXTERNAL] Fwd: AW: Printer down` → `Printer down` (case kept)."""
     text = subject or ""
     while True:
         stripped = _GATEWAY_TAG.sub("", text, count=1)
         stripped = _PREFIX.sub("", stripped, count=1)
         if stripped == text:
-            break
+            return " ".join(text.split())
         text = stripped
-    return " ".join(text.split()).casefold()
+
+
+def normalise_subject(subject: str) -> str:
+    """`RE: Fwd: AW:  Printer  down` → `printer down`; a ticket tag is kept."""
+    return strip_prefixes(subject).casefold()
+
+
+def ticket_title(subject: str, tag: re.Pattern[str]) -> str:
+    """A new ticket's title: the subject without reply prefixes and without our ticket tags."""
+    title = " ".join(tag.sub(" ", strip_prefixes(subject)).split())
+    return strip_prefixes(title) or "(no subject)"

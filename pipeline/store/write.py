@@ -9,7 +9,8 @@ from sqlalchemy.orm import Session
 
 from pipeline.context import MailContext
 from pipeline.notify.outbox import Draft, draft, render, ticket_tag
-from pipeline.parsers.subject import normalise_subject
+from pipeline.parsers.references import tag_pattern
+from pipeline.parsers.subject import normalise_subject, ticket_title
 from pipeline.store.models import (
     Account,
     Attachment,
@@ -19,14 +20,10 @@ from pipeline.store.models import (
     NotificationRecipient,
     ProcessedMail,
     Queue,
-    Resource,
     Ticket,
     TimelineEntry,
 )
 from pipeline.store.numbers import allocate_number
-
-ENTITY_LABEL = {"ticket": "ticket", "task": "task", "project": "project"}
-
 
 def write_mail(session: Session, ctx: MailContext) -> None:
     """Create the ticket or note; set ctx.outcome and ctx.entity."""
@@ -44,7 +41,8 @@ def write_mail(session: Session, ctx: MailContext) -> None:
     now = datetime.now(timezone.utc)
     account_id, contact = _sender_records(session, ctx)
     who = ctx.sender.address
-    title = mail.subject.strip() or "(no subject)"
+    numbering = ctx.config.settings.numbering
+    title = ticket_title(mail.subject, tag_pattern(numbering.ticket_tag, numbering.ticket))
 
     if target.kind == "new_ticket":
         defaults = ctx.mailbox.ticket_defaults
@@ -154,7 +152,7 @@ def _notifications(session: Session, ctx: MailContext, entity_type: str, entity_
                    title: str, note: Note | None, contact: Contact | None) -> list[Draft]:
     settings = ctx.mailbox.notifications
     numbering = ctx.config.settings.numbering
-    tag = ticket_tag(numbering, number) if entity_type == "ticket" else f"[{ENTITY_LABEL[entity_type].title()}#{number}]"
+    tag = ticket_tag(numbering, number) if entity_type == "ticket" else f"[{entity_type.title()}#{number}]"
     drafts: list[Draft | None] = []
     common = dict(mailbox=ctx.mailbox, mail=ctx.parsed, entity_type=entity_type, entity_id=entity_id,
                   number=number, journal_id=ctx.journal_id)

@@ -1,0 +1,120 @@
+"""Configuration (D5): typed, validated, and refused with file, line and key when broken."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, parse_config
+from tests.conftest import run_cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def error_of(text: str, name: str = "mailboxes.toml") -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, Path(name))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_the_shipped_mailboxes_toml_is_valid_and_defines_support() -> None:
+    cfg = load_config(REPO / "mailboxes.toml")
+    box = cfg.mailbox("support")
+    assert box.address == "support@msp.example"
+    assert box.source.kind == "maildir"
+    assert cfg.loop_guard_for(box).limit == 2 and cfg.loop_guard_for(box).window_seconds == 300
+    assert box.unknown_sender.default_account == "Unassigned" and box.unknown_sender.match_domain
+    assert box.trust.authserv_ids == ["mx.msp.example"] and box.trust.require == "dmarc"
+
+
+def test_a_wrong_type_names_the_line_and_the_key() -> None:
+    text = '[loop_guard]\nlimit = "two"\n\n[[mailbox]]\nname = "support"\naddress = "support@msp.example"\n'
+    message = error_of(text)
+    assert message.startswith("mailboxes.toml:2: loop_guard.limit: ")
+    assert "integer" in message and "'two'" in message
+
+
+def test_a_bad_value_in_the_second_mailbox_points_at_its_line() -> None:
+    text = ('[[mailbox]]\nname = "support"\naddress = "support@msp.example"\n\n'
+            '[[mailbox]]\nname = "billing"\naddress = "billing@msp.example"\n\n'
+            '[mailbox.unknown_sender]\notherwise = "bounce"\n')
+    message = error_of(text)
+    assert message.startswith("mailboxes.toml:10: mailbox[1].unknown_sender.otherwise: expected ")
+    assert "'create_contact'" in message and "'bounce'" in message
+
+
+def test_an_unknown_key_is_refused_not_ignored() -> None:
+    text = '[[mailbox]]\nname = "support"\naddres = "support@msp.example"\n'
+    message = error_of(text)
+    assert "mailboxes.toml:" in message
+    assert "mailbox[0]" in message
+
+
+def test_a_misspelt_key_names_its_own_line() -> None:
+    text = '[[mailbox]]\nname = "support"\naddress = "support@msp.example"\nloop_gaurd = 3\n'
+    assert error_of(text).startswith("mailboxes.toml:4: mailbox[0].loop_gaurd: unknown key")
+
+
+def test_broken_toml_names_the_line() -> None:
+    message = error_of('[[mailbox]]\nname = "support\n')
+    assert message.startswith("mailboxes.toml:2: not valid TOML")
+
+
+def test_a_config_without_mailboxes_is_refused() -> None:
+    assert "mailbox" in error_of('[redis]\nurl = "redis://127.0.0.1:6379/0"\n')
+
+
+def test_an_unknown_parser_stage_is_refused_at_start() -> None:
+    text = '[[mailbox]]\nname = "support"\naddress = "support@msp.example"\nparser_stages = ["ticket_number", "nagios"]\n'
+    message = error_of(text)
+    assert message.startswith("mailboxes.toml:4: mailbox[0].parser_stages: unknown parser stage 'nagios'")
+
+
+def test_environment_variables_override_connection_settings(monkeypatch) -> None:
+    cfg = parse_config('[[mailbox]]\nname = "s"\naddress = "s@msp.example"\n', Path("/etc/mailloop/mailboxes.toml"))
+    assert cfg.database_url == "sqlite:////etc/mailloop/mailloop.db"  # relative to the file
+    monkeypatch.setenv("DATABASE_URL", "postgresql://db.internal/mailloop")
+    monkeypatch.setenv("REDIS_URL", "redis://cache:6379/2")
+    assert cfg.database_url == "postgresql://db.internal/mailloop"
+    assert cfg.redis_url == "redis://cache:6379/2"
+    assert cfg.broker_url == "redis://cache:6379/2"
+
+
+def test_the_config_is_found_by_option_then_environment_then_cwd(tmp_path, monkeypatch) -> None:
+    (tmp_path / "mailboxes.toml").write_text('[[mailbox]]\nname = "cwd"\naddress = "a@b.example"\n')
+    other = tmp_path / "other.toml"
+    other.write_text('[[mailbox]]\nname = "env"\naddress = "a@b.example"\n')
+    monkeypatch.chdir(tmp_path)
+    assert load_config().mailboxes[0].name == "cwd"
+    monkeypatch.setenv("PIPELINE_CONFIG", str(other))
+    assert load_config().mailboxes[0].name == "env"
+    assert load_config(tmp_path / "mailboxes.toml").mailboxes[0].name == "cwd"
+
+
+def test_check_config_prints_one_line_for_a_broken_file(tmp_path) -> None:
+    bad = tmp_path / "mailboxes.toml"
+    bad.write_text('[[mailbox]]\nname = "support"\naddress = "not-an-address"\n')
+    proc = run_cli("check-config", str(bad))
+    assert proc.returncode == 1
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"pipeline: error: {bad}:3: mailbox[0].address: ")
+    assert "Traceback" not in proc.stderr.decode()
+
+
+def test_check_config_accepts_the_shipped_file() -> None:
+    proc = run_cli("check-config", str(REPO / "mailboxes.toml"))
+    assert proc.returncode == 0, proc.stderr
+    assert b"support <support@msp.example>" in proc.stdout
+
+
+def test_every_command_refuses_a_broken_config_with_one_line(tmp_path) -> None:
+    bad = tmp_path / "mailboxes.toml"
+    bad.write_text('[database]\nurl = 5\n[[mailbox]]\nname = "support"\naddress = "support@msp.example"\n')
+    proc = run_cli("--config", str(bad), "tickets", "list")
+    assert proc.returncode == 75
+    assert proc.stderr.decode().strip() == (f"pipeline: error: {bad}:2: database.url: "
+                                           "input should be a valid string, got 5")
