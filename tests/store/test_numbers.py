@@ -1,0 +1,65 @@
+"""Ticket numbers (D3): per-day sequences, unique under concurrent writers, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from datetime import datetime, timezone
+
+from pipeline.config import NumberingSettings
+from pipeline.store.db import Store
+from pipeline.store.numbers import allocate_number
+
+
+def _allocate_many(url: str, count: int, queue: mp.Queue) -> None:
+    store = Store(url)
+    numbering = NumberingSettings()
+    at = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+    got = []
+    for _ in range(count):
+        with store.transaction() as session:
+            got.append(allocate_number(session, "ticket", numbering, at))
+    store.dispose()
+    queue.put(got)
+
+
+def test_numbers_are_unique_and_gapless_under_concurrent_writers(db_url: str) -> None:
+    workers, each = 4, 25
+    queue: mp.Queue = mp.get_context("spawn").Queue()
+    procs = [mp.get_context("spawn").Process(target=_allocate_many, args=(db_url, each, queue))
+             for _ in range(workers)]
+    for p in procs:
+        p.start()
+    numbers = [n for _ in procs for n in queue.get(timeout=120)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert len(numbers) == len(set(numbers)) == workers * each
+    assert sorted(numbers) == [f"T20261123.{i:04d}" for i in range(1, workers * each + 1)]
+
+
+def test_the_sequence_restarts_each_day_in_the_configured_zone(db_url: str) -> None:
+    store = Store(db_url)
+    numbering = NumberingSettings(timezone="Europe/Berlin")
+    # 23:30 UTC on the 23rd is already the 24th in Berlin.
+    late = datetime(2026, 11, 23, 23, 30, tzinfo=timezone.utc)
+    early = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+    with store.transaction() as session:
+        assert allocate_number(session, "ticket", numbering, early) == "T20261123.0001"
+        assert allocate_number(session, "ticket", numbering, late) == "T20261124.0001"
+        assert allocate_number(session, "ticket", numbering, early) == "T20261123.0002"
+        assert allocate_number(session, "task", numbering, early) == "K20261123.0001"
+    store.dispose()
+
+
+def test_a_sequence_past_9999_widens(db_url: str) -> None:
+    store = Store(db_url)
+    numbering = NumberingSettings()
+    at = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+    from sqlalchemy import insert
+
+    from pipeline.store.models import NumberSequence
+
+    with store.transaction() as session:
+        session.execute(insert(NumberSequence).values(kind="ticket", day="2026-11-23", last_value=9999))
+        assert allocate_number(session, "ticket", numbering, at) == "T20261123.10000"
+    store.dispose()
