@@ -19,6 +19,7 @@ import click
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.errors import CannotRun
+from pipeline.runtime import Runtime
 
 EX_TEMPFAIL = 75
 
@@ -31,42 +32,6 @@ def _emit(obj: Any) -> None:
 def _fail(message: str, code: int = EX_TEMPFAIL) -> None:
     click.echo(f"pipeline: error: {message}", err=True)
     sys.exit(code)
-
-
-class Runtime:
-    """What a command needs, opened lazily: configuration, store, Redis, processor."""
-
-    def __init__(self, config_path: str | None) -> None:
-        self.config_path = config_path
-        self._config: Config | None = None
-        self._store = None
-        self._processor = None
-
-    @property
-    def config(self) -> Config:
-        if self._config is None:
-            self._config = load_config(self.config_path)
-        return self._config
-
-    def store(self, *, migrate_sqlite: bool = True):  # -> Store
-        if self._store is None:
-            from pipeline.store.db import Store
-
-            store = Store(self.config.database_url)
-            if migrate_sqlite and store.dialect == "sqlite":
-                store.upgrade()  # the embedded default sets itself up; PostgreSQL takes `db upgrade`
-            store.check()
-            self._store = store
-        return self._store
-
-    def processor(self):  # -> MailProcessor
-        if self._processor is None:
-            from pipeline.process import MailProcessor, check_redis, connect_redis
-
-            client = connect_redis(self.config.redis_url)
-            check_redis(client, self.config.redis_url)
-            self._processor = MailProcessor(self.config, self.store(), client)
-        return self._processor
 
 
 def config_option(f: Callable) -> Callable:
@@ -123,6 +88,35 @@ def demo(run_dir: Path | None) -> None:
     from pipeline.demo import run_demo
 
     run_demo(run_dir)
+
+
+# -- run (one machine) -----------------------------------------------------------------------
+
+@main.command()
+@config_option
+@click.option("--mailbox", "mailboxes", multiple=True, metavar="NAME",
+              help="Fetch only this mailbox (repeatable); default: every mailbox in the configuration.")
+@click.option("--concurrency", type=click.IntRange(1), default=None,
+              help="Worker processes (default: one per CPU).")
+def run(mailboxes: tuple[str, ...], concurrency: int | None) -> None:
+    """Worker, scheduler and fetchers in one process tree, for one machine.
+
+    Runs a Celery worker on every queue; runs the scheduler (Celery beat) only while
+    it holds the fleet's scheduler lock in Redis, so two machines never both schedule.
+    SIGTERM or SIGINT stops everything cleanly.
+    """
+    from kombu.utils.url import maybe_sanitize_url
+
+    from pipeline.supervisor import Supervisor
+
+    rt = _runtime()
+    names = [rt.config.mailbox(name).name for name in mailboxes] or [b.name for b in rt.config.mailboxes]
+    rt.store()  # refuse to start, in one line, when the database is down or has no schema
+    client = rt.redis()
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    click.echo(f"pipeline run: mailboxes {', '.join(names)}; broker {maybe_sanitize_url(rt.config.broker_url)}",
+               err=True)
+    sys.exit(Supervisor(rt.config, client, names, concurrency).run())
 
 
 # -- ingest / import / parse -------------------------------------------------------------------

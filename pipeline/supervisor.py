@@ -1,0 +1,141 @@
+"""`pipeline run`: worker, scheduler and fetchers of one machine in one process tree.
+
+The supervisor starts a Celery worker for every queue as a child process, and a Celery
+beat child only while it holds the fleet's scheduler lock in Redis — so two machines
+running `pipeline run` never both schedule, and when the machine that schedules goes
+away another takes over within `SCHEDULER_LOCK_SECONDS`. SIGTERM or SIGINT stops the
+children cleanly (the worker finishes the tasks it has started) and releases the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+from redis.exceptions import LockError
+
+from pipeline.config import Config
+from pipeline.tasks.policy import QUEUES
+
+log = logging.getLogger("pipeline.run")
+
+SCHEDULER_LOCK_SECONDS = 30
+RENEW_EVERY = 10
+STOP_GRACE_SECONDS = 60
+
+
+class Supervisor:
+    def __init__(self, config: Config, client: redis.Redis, mailboxes: list[str], concurrency: int | None,
+                 loglevel: str = "INFO") -> None:
+        self.config = config
+        self.client = client
+        self.mailboxes = mailboxes
+        self.concurrency = concurrency
+        self.loglevel = loglevel
+        self.stopping = False
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.beat: subprocess.Popen[bytes] | None = None
+        self.state_dir = Path(tempfile.mkdtemp(prefix="mailloop-run-"))
+        self.lock = client.lock(f"{config.settings.redis.key_prefix}lock:scheduler",
+                                timeout=SCHEDULER_LOCK_SECONDS, blocking=False)
+
+    # -- children ------------------------------------------------------------------------
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.config.path is not None:
+            env["PIPELINE_CONFIG"] = str(self.config.path.resolve())
+        env["PIPELINE_MAILBOXES"] = ",".join(self.mailboxes)
+        return env
+
+    def _celery(self, *args: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "celery", "-A", "pipeline.worker", *args, "--loglevel", self.loglevel]
+        return subprocess.Popen(cmd, env=self._env())
+
+    def start_worker(self) -> None:
+        args = ["worker", "-Q", ",".join(QUEUES), "-n", f"mailloop-{os.getpid()}@{socket.gethostname()}"]
+        if self.concurrency:
+            args += ["--concurrency", str(self.concurrency)]
+        self.worker = self._celery(*args)
+        log.info("worker started (pid %s)", self.worker.pid)
+
+    def _start_beat(self) -> None:
+        self.beat = self._celery("beat", "--schedule", str(self.state_dir / "beat-schedule"))
+        log.info("this machine schedules for the fleet: beat started (pid %s)", self.beat.pid)
+
+    # -- the scheduler lock --------------------------------------------------------------
+    def tend_scheduler(self) -> None:
+        """Hold the lock and run beat, or wait for the lock while another machine holds it."""
+        if self.beat is None:
+            if self.lock.acquire():
+                self._start_beat()
+            return
+        try:
+            self.lock.reacquire()
+        except LockError:
+            log.warning("lost the scheduler lock; stopping beat so that only one machine schedules")
+            _stop(self.beat)
+            self.beat = None
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.start_worker()
+        code = 0
+        last_renew = 0.0
+        try:
+            while not self.stopping:
+                if time.monotonic() - last_renew >= RENEW_EVERY:
+                    self.tend_scheduler()
+                    last_renew = time.monotonic()
+                if self.worker.poll() is not None:
+                    log.error("the worker exited with status %s; stopping", self.worker.returncode)
+                    code = 1
+                    break
+                if self.beat is not None and self.beat.poll() is not None:
+                    log.error("beat exited with status %s; it restarts at the next turn", self.beat.returncode)
+                    self.beat = None
+                    self._release()
+                time.sleep(0.2)
+        finally:
+            self.shutdown()
+        return code
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        log.info("%s received: stopping cleanly", signal.Signals(signum).name)
+        self.stopping = True
+
+    def shutdown(self) -> None:
+        if self.beat is not None:
+            _stop(self.beat)
+            self.beat = None
+        self._release()
+        if self.worker is not None:
+            _stop(self.worker)  # warm shutdown: tasks already started are finished
+        log.info("stopped")
+
+    def _release(self) -> None:
+        try:
+            self.lock.release()
+        except LockError:
+            pass  # not held, or expired
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        log.error("pid %s did not stop within %ss; killing it", proc.pid, STOP_GRACE_SECONDS)
+        proc.kill()
+        proc.wait()

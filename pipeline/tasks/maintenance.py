@@ -1,0 +1,34 @@
+"""Maintenance tasks (scheduled by beat): reconciliation of the journal."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta, timezone
+
+from celery import shared_task
+
+from pipeline.process import Unavailable
+from pipeline.store.journal import unprocessed_ids
+from pipeline.tasks import runtime
+from pipeline.tasks.policy import PROCESS_BATCH, RECONCILE_AFTER, RETRY, task_options
+from pipeline.tasks.process import enqueue
+
+log = logging.getLogger("pipeline.tasks.maintenance")
+
+
+@shared_task(name="pipeline.tasks.maintenance.reconcile", autoretry_for=(Unavailable,),
+             **RETRY, **task_options("maintenance", idempotent=True))
+def reconcile(older_than_seconds: float | None = None) -> int:
+    """Enqueue journaled mail that has waited too long for an outcome; returns how many.
+
+    Catches what a crash or a broker outage left behind: a mail journaled but never
+    enqueued, or a task lost with a killed worker. Processing is idempotent, so a mail
+    that is merely slow and gets enqueued twice is still processed once.
+    """
+    age = RECONCILE_AFTER if older_than_seconds is None else timedelta(seconds=older_than_seconds)
+    with runtime().store().sessions() as session:
+        ids = unprocessed_ids(session, datetime.now(timezone.utc) - age)
+    if ids:
+        enqueue(ids, PROCESS_BATCH)
+        log.warning("reconcile: %d journaled mail(s) without an outcome enqueued again", len(ids))
+    return len(ids)

@@ -1,0 +1,46 @@
+"""Process tasks (CPU): run the pipeline on journaled mail, one transaction per mail."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+
+from pipeline.process import Unavailable
+from pipeline.tasks import runtime
+from pipeline.tasks.policy import RETRY, task_options
+
+log = logging.getLogger("pipeline.tasks.process")
+
+
+@shared_task(name="pipeline.tasks.process.process_batch", autoretry_for=(Unavailable,),
+             **RETRY, **task_options("process", idempotent=True))
+def process_batch(journal_ids: list[int]) -> dict[str, int]:
+    """Process several journal ids in this process; outcomes counted by kind.
+
+    A retry after an outage runs the whole batch again: ids already processed return
+    their recorded outcome without doing anything twice.
+    """
+    processor = runtime().processor()
+    counts: dict[str, int] = {}
+    for journal_id in journal_ids:
+        result = processor.process(journal_id)
+        counts[result.outcome] = counts.get(result.outcome, 0) + 1
+    log.info("processed %d mail(s): %s", len(journal_ids), counts)
+    return counts
+
+
+@shared_task(name="pipeline.tasks.process.process_mail", autoretry_for=(Unavailable,),
+             **RETRY, **task_options("process", idempotent=True))
+def process_mail(journal_id: int) -> str:
+    """Process one journal id (for sources that hand over one mail at a time)."""
+    return runtime().processor().process(journal_id).outcome
+
+
+def enqueue(journal_ids: list[int], batch_size: int) -> int:
+    """Send journal ids to the process queue in batches; returns how many tasks were sent."""
+    sent = 0
+    for start in range(0, len(journal_ids), batch_size):
+        process_batch.delay(journal_ids[start:start + batch_size])
+        sent += 1
+    return sent
