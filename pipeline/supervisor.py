@@ -9,6 +9,7 @@ children cleanly (the worker finishes the tasks it has started) and releases the
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ log = logging.getLogger("pipeline.run")
 SCHEDULER_LOCK_SECONDS = 30
 RENEW_EVERY = 10
 STOP_GRACE_SECONDS = 60
+PR_SET_PDEATHSIG = 1
 
 
 class Supervisor:
@@ -57,7 +59,7 @@ class Supervisor:
 
     def _celery(self, *args: str) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "celery", "-A", "pipeline.worker", *args, "--loglevel", self.loglevel]
-        return subprocess.Popen(cmd, env=self._env())
+        return subprocess.Popen(cmd, env=self._env(), preexec_fn=_die_with_parent)
 
     def start_worker(self) -> None:
         args = ["worker", "-Q", ",".join(QUEUES), "-n", f"mailloop-{os.getpid()}@{socket.gethostname()}"]
@@ -127,6 +129,15 @@ class Supervisor:
             self.lock.release()
         except LockError:
             pass  # not held, or expired
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the supervisor dies, even by SIGKILL (Linux),
+    so a killed `pipeline run` never leaves a worker or a second beat behind."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: the children outlive a SIGKILLed supervisor, as with any shell
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
