@@ -330,6 +330,71 @@ def notifications_show(as_json: bool, notification_id: int) -> None:
     click.echo("\n" + data["body_text"])
 
 
+# -- quarantine -----------------------------------------------------------------------------
+
+@main.group(cls=_Group)
+def quarantine() -> None:
+    """Mail that could not be processed, kept with the stage and the error; replay it once fixed."""
+
+
+@quarantine.command(name="list")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def quarantine_list(as_json: bool) -> None:
+    """Quarantined mail, newest first."""
+    from pipeline.store.journal import entry_json, quarantined
+
+    with _runtime().store().sessions() as session:
+        rows = [entry_json(e) for e in quarantined(session)]
+    for row in rows:
+        if as_json:
+            _emit(row)
+        else:
+            click.echo(f"{row['id']:>7}  {row['mailbox']:<12} {row['stage'] or '':<14} {row['reason']}")
+    if not as_json:
+        click.echo(f"{len(rows)} mail(s) in quarantine", err=True)
+
+
+@quarantine.command(name="show")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.argument("journal_id", type=int, metavar="ID")
+def quarantine_show(as_json: bool, journal_id: int) -> None:
+    """One journaled mail: where it stopped, the error, every stage's decision."""
+    from pipeline.store.journal import entry_json
+    from pipeline.store.models import JournalEntry
+
+    with _runtime().store().sessions() as session:
+        entry = session.get(JournalEntry, journal_id)
+        data = entry_json(entry, with_error=True) if entry else None
+    if data is None:
+        _fail(f"no journaled mail #{journal_id}", 1)
+    if as_json:
+        _emit(data)
+        return
+    for key in ("id", "mailbox", "received_at", "message_id", "from", "subject", "outcome", "stage", "reason"):
+        click.echo(f"{key:>12}: {data[key]}")
+    for step in data["trace"]:
+        click.echo(f"  {step['stage']:<18} {step['decision']:<28} {step['why']}")
+    if data["error"]:
+        click.echo("\n" + data["error"])
+
+
+@quarantine.command(name="replay")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the new outcome as `ingest --json` does.")
+@click.argument("journal_id", type=int, metavar="ID")
+def quarantine_replay(as_json: bool, journal_id: int) -> None:
+    """Run a quarantined mail through the pipeline again (safe to repeat)."""
+    result = _runtime().processor().replay(journal_id)
+    if result is None:
+        _fail(f"mail #{journal_id} is not in quarantine (already replayed, or never quarantined)", 1)
+    if as_json:
+        _emit(result.as_json())
+    else:
+        _print_result(result, dry_run=False)
+
+
 # -- configuration and schema --------------------------------------------------------------
 
 @main.command(name="check-config")

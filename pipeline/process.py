@@ -25,6 +25,7 @@ from pipeline.dedup.loop_guard import LoopGuard
 from pipeline.errors import CannotRun
 from pipeline.stages import PIPELINE, StageEnv
 from pipeline.store.db import Store
+from pipeline.store.journal import reopen_quarantined
 from pipeline.store.lookups import Lookups
 from pipeline.store.models import JournalEntry
 from pipeline.store.write import rejection_notice, store_draft
@@ -165,6 +166,17 @@ class MailProcessor:
                 )
             )
         return Result("quarantined", None, reason, trace, journal_id)
+
+    def replay(self, journal_id: int) -> Result | None:
+        """Process a quarantined mail again; None when it is not (or no longer) in quarantine."""
+        try:
+            with self.store.transaction() as session:
+                if not reopen_quarantined(session, journal_id):
+                    return None
+        except TRANSIENT as exc:
+            raise Unavailable(_one_line(exc)) from None
+        log.info("mail #%s: replaying from quarantine", journal_id)
+        return self.process(journal_id)
 
     # -- dry run --------------------------------------------------------------------------
     def dry_run(self, mailbox: str, raw: bytes) -> Result:
