@@ -129,6 +129,12 @@ class TrustPolicy(_Model):
     # an internal relay between the receiving MX and mailloop.
     trusted_hosts: list[str] = []
     require: Literal["dmarc", "dkim_aligned", "dmarc_or_dkim_aligned"] = "dmarc"
+    # Forwarders whose verdict is believed for mail they forwarded to us, by the
+    # authserv-id in their ARC-Authentication-Results: "mx.microsoft.com" (Microsoft 365),
+    # "mx.google.com" (Google). Only when one of `authserv_ids` says arc=pass (it verified
+    # the ARC chain) and the newest ARC set is sealed by that forwarder's own domain;
+    # `require` then applies to what the forwarder saw. Empty: ARC is not used.
+    arc_authserv_ids: list[str] = []
 
 
 class NotificationSettings(_Model):
@@ -137,6 +143,8 @@ class NotificationSettings(_Model):
     ticket_created: bool = True
     note_added: bool = True
     sender_rejected: bool = True
+    # Tell a resource which command line of their mail failed and why (D4).
+    command_failed: bool = True
 
 
 class MailboxConfig(_Model):
@@ -148,7 +156,12 @@ class MailboxConfig(_Model):
     duplicate_ticket: DuplicateTicketRule = DuplicateTicketRule()
     trust: TrustPolicy = TrustPolicy()
     loop_guard: LoopGuardSettings | None = None  # default: the global [loop_guard]
+    # Days after a ticket is Resolved in which a customer reply reopens it; at the end it is Closed (D2).
     feedback_window_days: int = Field(3, ge=0)
+    # Close a ticket left this many days in Waiting Customer without an answer; 0: never (D2).
+    auto_close_days: int = Field(0, ge=0)
+    # Pause the SLA clock while a ticket is Waiting Customer (recorded on the ticket) (D2).
+    sla_pause_in_waiting_customer: bool = False
     notifications: NotificationSettings = NotificationSettings()
     parser_stages: list[str] = ["ticket_number", "reply_reference"]
 
@@ -271,15 +284,15 @@ def parse_config(text: str, path: Path | None = None) -> Config:
 
 
 def _check_parser_stages(settings: Settings, text: str, name: str) -> None:
-    from pipeline.registry import available_stages
+    # The registry decides what a usable stage is: a registered name or a `module:Class` path (D9).
+    from pipeline.registry import stage_problem
 
-    known = available_stages()
     for i, box in enumerate(settings.mailbox):
         for stage in box.parser_stages:
-            if stage not in known:
+            problem = stage_problem(stage)
+            if problem:
                 line = locate_key(text, ["mailbox", i, "parser_stages"])
-                raise ConfigError(f"{name}:{line}: mailbox[{i}].parser_stages: unknown parser stage {stage!r} "
-                                  f"(registered: {', '.join(sorted(known))})")
+                raise ConfigError(f"{name}:{line}: mailbox[{i}].parser_stages: {problem}")
 
 
 def _line_from_message(message: str) -> int | str:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from pipeline.commands import CustomerAnswer, ParsedCommands
 from pipeline.config import Config, MailboxConfig
 from pipeline.parsers.mime import ParsedMail
 
@@ -70,6 +71,18 @@ class Target:
 
 
 @dataclass
+class Written:
+    """What the write stage wrote, for the stages after it (same transaction)."""
+
+    entity_type: EntityType
+    entity_id: int
+    number: str
+    note_id: int | None
+    created: bool  # a new ticket, not a note on an existing entity
+    text: str  # the note's (or new ticket's) text without command lines: a time entry's summary
+
+
+@dataclass
 class TraceStep:
     stage: str
     decision: str
@@ -97,6 +110,13 @@ class MailContext:
     claimed_by: str | None = None
     # Why this mail must never be answered (auto-reply, bounce, unverified…), or None.
     no_answer: str | None = None
+    # Commands at the top of the body (D4), and whether they may apply (and why / why not).
+    commands: ParsedCommands | None = None
+    commands_apply: bool = False
+    commands_why: str = ""
+    # A customer's `accept`, `reject: reason` or `close` (D2).
+    customer_answer: CustomerAnswer | None = None
+    written: Written | None = None
     # Free-form annotations from plug-in stages, keyed by the stage's name.
     annotations: dict[str, Any] = field(default_factory=dict)
     trace: list[TraceStep] = field(default_factory=list)

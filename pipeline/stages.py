@@ -15,13 +15,15 @@ from typing import Protocol
 from sqlalchemy.orm import Session
 
 from pipeline.attribute import decide_sender
+from pipeline.commands import command_authority, parse_commands, parse_customer_answer
 from pipeline.context import MailContext, StopMail, Target
 from pipeline.dedup.loop_guard import LoopGuard
 from pipeline.parsers.mime import Unparseable, mail_identity, parse_mail
 from pipeline.parsers.subject import normalise_subject
 from pipeline.registry import build_parser_stages
 from pipeline.store.lookups import EntityInfo, Lookups
-from pipeline.store.write import write_mail
+from pipeline.lifecycle import effective_status, settings_for
+from pipeline.store.write import apply_changes, write_mail
 from pipeline.trust import evaluate
 
 
@@ -105,6 +107,25 @@ class Extract:
             stage(ctx)
 
 
+class ReadCommands:
+    """Commands at the top of the body (D4) and whether they may apply (D8); a customer's answer (D2)."""
+
+    name = "commands"
+
+    def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        ctx.commands = found = parse_commands(ctx.parsed.body_new)
+        if ctx.sender.kind != "resource":
+            ctx.customer_answer = parse_customer_answer(found.text)
+        if not found.found:
+            answer = ctx.customer_answer
+            ctx.note(self.name, f"customer answer: {answer.word}" if answer else "none",
+                     "first line of the customer's text" if answer else "no command lines at the top of the body")
+            return
+        ctx.commands_apply, ctx.commands_why = command_authority(ctx.sender.kind, ctx.trust.passed, ctx.trust.why)
+        counted = f"{len(found.commands)} command(s), {len(found.failures)} that do not parse"
+        ctx.note(self.name, "apply" if ctx.commands_apply else "not applied", f"{counted}; {ctx.commands_why}")
+
+
 class Resolve:
     """Which entity the mail is written to, under D8's rule on who may write where."""
 
@@ -122,9 +143,10 @@ class Resolve:
             if not allowed:
                 ctx.note(self.name, "not attached", f"{ref.number}: {why}")
                 continue
-            if entity.type == "ticket" and entity.status == "Closed":
+            closed = self._closed(ctx, entity)
+            if closed:
                 ctx.target = Target("new_ticket", link_to_ticket_id=entity.id,
-                                    internal=unverified, why=f"{entity.number} is Closed; new ticket linked to it")
+                                    internal=unverified, why=f"{entity.number} {closed}; new ticket linked to it")
             else:
                 ctx.target = Target("existing", entity.type, entity.id, entity.number, internal=unverified,
                                     why=f"{entity.number}: {why}")
@@ -136,6 +158,18 @@ class Resolve:
             ctx.target.why += "; unverified sender: internal note only"
         ctx.note(self.name, "note on " + ctx.target.number if ctx.target.kind == "existing" else "new ticket",
                  ctx.target.why)
+
+    @staticmethod
+    def _closed(ctx: MailContext, entity: EntityInfo) -> str | None:
+        """Why the ticket counts as Closed when this mail arrives, or None (D2)."""
+        if entity.type != "ticket":
+            return None
+        if entity.status == "Closed":
+            return "is Closed"
+        settings = settings_for(ctx.config, entity.source_mailbox)
+        if entity.state and effective_status(entity.state, settings, ctx.received_at) == "Closed":
+            return f"was due to close ({entity.status}, its time ran out)"
+        return None
 
     @staticmethod
     def _may_write(ctx: MailContext, env: StageEnv, entity: EntityInfo, via: str) -> tuple[bool, str]:
@@ -264,6 +298,25 @@ class Write:
         write_mail(env.session, ctx)
 
 
+class Apply:
+    """In the same transaction: a resource's first update, commands, a customer's answer (D2, D4)."""
+
+    name = "apply"
+
+    def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        if ctx.dry_run:
+            c = ctx.commands
+            would = "nothing to apply"
+            if c and c.found and ctx.commands_apply:
+                would = "would apply " + "; ".join(
+                    [x.text for x in c.commands] + [f"line {f.line} fails: {f.why}" for f in c.failures])
+            elif c and c.found:
+                would = f"would apply no commands: {ctx.commands_why}"
+            ctx.note(self.name, would, "dry run: nothing written")
+            return
+        apply_changes(env.session, ctx)
+
+
 # The pipeline (D1, D9). The order is the specification: gates run in D1.5's order and
 # nothing is written before every gate has passed.
 PIPELINE: tuple[Stage, ...] = (
@@ -271,6 +324,7 @@ PIPELINE: tuple[Stage, ...] = (
     Authenticate(),
     Attribute(),
     Extract(),
+    ReadCommands(),
     Resolve(),
     AlreadyProcessed(),
     LoopGuardGate(),
@@ -278,4 +332,5 @@ PIPELINE: tuple[Stage, ...] = (
     SenderPolicy(),
     DuplicateTicketRule(),
     Write(),
+    Apply(),
 )

@@ -88,18 +88,103 @@ def evaluate(headers: list[tuple[str, str]], from_address: str, policy: TrustPol
         return TrustVerdict(False, "no Authentication-Results from a trusted host ("
                             + ", ".join(policy.authserv_ids) + ")")
     domain = from_address.rsplit("@", 1)[-1].lower()
-    dmarc = _dmarc_pass(ar, domain)
-    dkim = _dkim_aligned(ar, domain)
-    if policy.require == "dmarc":
-        ok, what = dmarc, "DMARC pass"
-    elif policy.require == "dkim_aligned":
-        ok, what = dkim, f"DKIM pass aligned with {domain}"
-    else:
-        ok, what = dmarc or dkim, f"DMARC pass or DKIM aligned with {domain}"
-    seen = ", ".join(f"{r.method}={r.result}" for r in ar.results) or "no results"
+    ok, what = _meets(ar, domain, policy.require)
+    seen = _seen(ar)
     if ok:
         return TrustVerdict(True, f"{ar.authserv_id}: {what} ({seen})", ar.authserv_id)
-    return TrustVerdict(False, f"{ar.authserv_id}: {what} required, got {seen}", ar.authserv_id)
+    why = f"{ar.authserv_id}: {what} required, got {seen}"
+    if policy.arc_authserv_ids:
+        arc_ok, arc_why = arc_verdict(headers, ar, domain, policy)
+        if arc_ok:
+            return TrustVerdict(True, f"{ar.authserv_id}: {seen}; {arc_why}", ar.authserv_id)
+        why += f"; ARC: {arc_why}"
+    return TrustVerdict(False, why, ar.authserv_id)
+
+
+def _meets(ar: AuthResults, domain: str, require: str) -> tuple[bool, str]:
+    dmarc = _dmarc_pass(ar, domain)
+    dkim = _dkim_aligned(ar, domain)
+    if require == "dmarc":
+        return dmarc, "DMARC pass"
+    if require == "dkim_aligned":
+        return dkim, f"DKIM pass aligned with {domain}"
+    return dmarc or dkim, f"DMARC pass or DKIM aligned with {domain}"
+
+
+def _seen(ar: AuthResults) -> str:
+    return ", ".join(f"{r.method}={r.result}" for r in ar.results) or "no results"
+
+
+# -- ARC (RFC 8617): mail forwarded to us by Microsoft 365 or Google ------------------------------
+
+@dataclass(frozen=True)
+class ArcSet:
+    instance: int
+    sealer: str  # the ARC-Seal's d=
+    cv: str  # the ARC-Seal's chain validation: none, pass, fail
+    results: AuthResults | None  # the ARC-Authentication-Results of this instance
+
+
+def arc_sets(headers: list[tuple[str, str]]) -> list[ArcSet] | None:
+    """The mail's ARC sets, newest (highest instance) first; None when the sets are malformed."""
+    seals: dict[int, dict[str, str]] = {}
+    aars: dict[int, AuthResults | None] = {}
+    for name, value in headers:
+        lname = name.lower()
+        if lname not in ("arc-seal", "arc-authentication-results"):
+            continue
+        m = re.match(r"\s*i\s*=\s*(\d+)\s*;(.*)$", value, re.DOTALL)
+        if not m:
+            return None
+        instance = int(m.group(1))
+        target = seals if lname == "arc-seal" else aars
+        if instance in target:  # two sets with one instance: a broken or doctored chain
+            return None
+        if lname == "arc-seal":
+            tags = dict((k.strip().lower(), v.strip()) for k, _, v in
+                        (t.partition("=") for t in value.split(";")) if k.strip())
+            seals[instance] = tags
+        else:
+            aars[instance] = parse_authentication_results(m.group(2))
+    out = []
+    for instance in sorted(seals, reverse=True):
+        tags = seals[instance]
+        out.append(ArcSet(instance, re.sub(r"\s+", "", tags.get("d", "")).lower(),
+                          tags.get("cv", "").lower(), aars.get(instance)))
+    return out
+
+
+def arc_verdict(headers: list[tuple[str, str]], ours: AuthResults, domain: str,
+                policy: TrustPolicy) -> tuple[bool, str]:
+    """Believe a trusted forwarder's verdict, carried in its ARC set (D8).
+
+    The ARC headers came in with the mail, so by themselves they prove nothing. They count
+    only when our trusted host verified the chain (arc=pass in its Authentication-Results)
+    and the newest set not written by our own hosts is sealed by the domain of a forwarder
+    the mailbox trusts (Microsoft 365's seal is d=microsoft.com for mx.microsoft.com):
+    anyone can seal a chain, but only Microsoft can seal with microsoft.com's key.
+    """
+    if not any(r.method == "arc" and r.result == "pass" for r in ours.results):
+        return False, f"{ours.authserv_id} did not verify an ARC chain (no arc=pass)"
+    sets = arc_sets(headers)
+    if not sets:
+        return False, "no well-formed ARC set"
+    own = {a.lower() for a in policy.authserv_ids}
+    newest = next((s for s in sets if not (s.results and s.results.authserv_id in own)), None)
+    if newest is None or newest.results is None:
+        return False, "no ARC-Authentication-Results from a forwarder"
+    forwarder = newest.results.authserv_id
+    if forwarder not in {a.lower() for a in policy.arc_authserv_ids}:
+        return False, f"ARC i={newest.instance} is from {forwarder}, not a trusted forwarder"
+    if not newest.sealer or not (forwarder == newest.sealer or forwarder.endswith("." + newest.sealer)):
+        return False, f"ARC i={newest.instance} claims {forwarder} but is sealed by {newest.sealer or 'nobody'}"
+    if newest.cv == "fail":
+        return False, f"ARC i={newest.instance} records a failed chain (cv=fail)"
+    ok, what = _meets(newest.results, domain, policy.require)
+    seen = _seen(newest.results)
+    if ok:
+        return True, f"ARC i={newest.instance} sealed by {newest.sealer}: {forwarder} saw {what} ({seen})"
+    return False, f"ARC i={newest.instance}: {forwarder} saw {seen}, {what} required"
 
 
 def _aligned(d: str, domain: str) -> bool:

@@ -8,6 +8,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from pipeline.context import EntityRef, EntityType
+from pipeline.lifecycle import OPEN, TicketState, state_of
 from pipeline.store.models import (
     Account,
     AccountDomain,
@@ -21,7 +22,7 @@ from pipeline.store.models import (
     Ticket,
 )
 
-OPEN_STATUSES = ("New", "In Progress", "Waiting Customer", "Waiting Until")
+OPEN_STATUSES = OPEN
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class EntityInfo:
     status: str
     account_id: int | None
     contact_id: int | None
+    # Tickets only: what the lifecycle needs to tell the status at a given time (D2).
+    state: TicketState | None = None
+    source_mailbox: str | None = None
 
 
 class Lookups:
@@ -62,6 +66,10 @@ class Lookups:
     def account_by_name(self, name: str) -> Account | None:
         return self.session.scalar(select(Account).where(Account.name == name))
 
+    def known_roles(self) -> set[str]:
+        """Every role some resource has: a role outside this set does not exist (D4)."""
+        return {r for roles in self.session.scalars(select(Resource.roles)) for r in roles or []}
+
     def processed_by(self, identity: str) -> int | None:
         """The journal id that processed this mail identity, if any."""
         return self.session.scalar(select(ProcessedMail.journal_id).where(ProcessedMail.identity == identity))
@@ -69,7 +77,8 @@ class Lookups:
     def entity(self, ref: EntityRef) -> EntityInfo | None:
         if ref.type == "ticket":
             t = self.session.scalar(select(Ticket).where(Ticket.number == ref.number))
-            return t and EntityInfo("ticket", t.id, t.number, t.status, t.account_id, t.contact_id)
+            return t and EntityInfo("ticket", t.id, t.number, t.status, t.account_id, t.contact_id,
+                                    state_of(t), t.source_mailbox)
         if ref.type == "task":
             k = self.session.scalar(select(Task).where(Task.number == ref.number))
             return k and EntityInfo("task", k.id, k.number, k.status, k.project.account_id, None)

@@ -85,7 +85,7 @@ class Ticket(Base):
     number: Mapped[str] = mapped_column(String(40), unique=True)
     title: Mapped[str] = mapped_column(String(500))
     description: Mapped[str] = mapped_column(Text, default="")
-    status: Mapped[str] = mapped_column(String(40), default="New")
+    status: Mapped[str] = mapped_column(String(40), default="New", index=True)
     priority: Mapped[str] = mapped_column(String(20), default="Medium")
     queue_id: Mapped[int | None] = mapped_column(ForeignKey("queues.id"))
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
@@ -99,6 +99,21 @@ class Ticket(Base):
     linked_ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # The lifecycle (D2, pipeline/lifecycle.py). When the status last changed: auto-close
+    # counts the days in Waiting Customer from here.
+    status_changed_at: Mapped[datetime | None] = mapped_column()
+    wait_until: Mapped[datetime | None] = mapped_column()  # set only in Waiting Until
+    # The latest resolution (its time starts the feedback window) and the first one, which
+    # a reopen and a second resolution never overwrite.
+    resolution_method: Mapped[str | None] = mapped_column(String(40))
+    resolved_at: Mapped[datetime | None] = mapped_column()
+    resolved_by: Mapped[str | None] = mapped_column(String(320))
+    first_resolved_at: Mapped[datetime | None] = mapped_column()
+    first_resolved_by: Mapped[str | None] = mapped_column(String(320))
+    # SLA pause while Waiting Customer, when the mailbox says so: since when (None: the
+    # clock runs) and the seconds paused in earlier waits.
+    sla_paused_at: Mapped[datetime | None] = mapped_column()
+    sla_paused_seconds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     account: Mapped[Account] = relationship()
     contact: Mapped[Contact | None] = relationship()

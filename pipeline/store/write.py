@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline.context import MailContext
+from pipeline.commands import Command, CommandFailure, not_applied_text, parse_commands
+from pipeline.context import MailContext, Written
+from pipeline.lifecycle import (
+    SYSTEM,
+    apply_move,
+    assign,
+    customer_move,
+    due_move,
+    first_update,
+    resource_move,
+    settings_for,
+    state_of,
+    unassign_move,
+)
 from pipeline.notify.outbox import Draft, draft, render, ticket_tag
 from pipeline.parsers.references import tag_pattern
 from pipeline.parsers.subject import normalise_subject, ticket_title
@@ -19,8 +33,12 @@ from pipeline.store.models import (
     Notification,
     NotificationRecipient,
     ProcessedMail,
+    Project,
     Queue,
+    Resource,
+    Task,
     Ticket,
+    TimeEntry,
     TimelineEntry,
 )
 from pipeline.store.numbers import allocate_number
@@ -46,12 +64,14 @@ def write_mail(session: Session, ctx: MailContext) -> None:
 
     if target.kind == "new_ticket":
         defaults = ctx.mailbox.ticket_defaults
+        text = mail_text(ctx, mail.body_text)
         ticket = Ticket(
             number=allocate_number(session, "ticket", ctx.config.settings.numbering, now),
             title=title[:500],
             # An unverified mail never speaks to customers: its text goes to an internal note.
-            description="" if target.internal else mail.body_text,
+            description="" if target.internal else text,
             status=defaults.status,
+            status_changed_at=ctx.received_at,
             priority=defaults.priority,
             queue_id=_queue_id(session, defaults.queue),
             account_id=account_id,
@@ -71,16 +91,21 @@ def write_mail(session: Session, ctx: MailContext) -> None:
             _timeline(session, ctx, entity_type, entity_id, who, "linked", None, linked.number)
         note = None
         if target.internal:
-            note = _note(session, ctx, entity_type, entity_id, mail.body_text, internal=True)
+            note = _note(session, ctx, entity_type, entity_id, text, internal=True)
         ctx.outcome = "ticket_created"
     else:
         entity_type, entity_id, number = target.entity_type, target.entity_id, target.number
-        note = _note(session, ctx, entity_type, entity_id, mail.body_new, internal=target.internal)
+        text = mail_text(ctx, mail.body_new)
+        note = _note(session, ctx, entity_type, entity_id, text, internal=target.internal)
         _timeline(session, ctx, entity_type, entity_id, who, "note added", None, None)
         if entity_type == "ticket":
             session.get(Ticket, entity_id).updated_at = now
         ctx.outcome = "note_added"
     ctx.entity = {"type": entity_type, "number": number}
+    # A time entry's summary is what the sender newly wrote, without the command lines (D4).
+    summary = ctx.commands.text if ctx.commands and ctx.commands.found else mail.body_new
+    ctx.written = Written(entity_type, entity_id, number, note.id if note else None,
+                          created=target.kind == "new_ticket", text=summary.strip())
 
     for part in mail.attachments:
         session.add(Attachment(
@@ -95,6 +120,16 @@ def write_mail(session: Session, ctx: MailContext) -> None:
     ctx.note("write", f"{ctx.outcome.replace('_', ' ')}: {number}",
              f"{len(mail.attachments)} attachment(s)" + ("; internal note" if target.internal else ""))
     session.flush()
+
+
+def mail_text(ctx: MailContext, body: str) -> str:
+    """`body` without the command lines at its top; with them listed, and why, when they did not apply (D4)."""
+    if not ctx.commands or not ctx.commands.found:
+        return body
+    remaining = parse_commands(body).text  # the same lines sit at the top of the whole body
+    if ctx.commands_apply:
+        return remaining
+    return not_applied_text(remaining, ctx.commands, ctx.commands_why)
 
 
 def _sender_records(session: Session, ctx: MailContext) -> tuple[int, Contact | None]:
@@ -143,9 +178,10 @@ def _note(session: Session, ctx: MailContext, entity_type: str, entity_id: int, 
 
 
 def _timeline(session: Session, ctx: MailContext, entity_type: str, entity_id: int, who: str, what: str,
-              from_value: str | None, to_value: str | None) -> None:
+              from_value: str | None, to_value: str | None, at: datetime | None = None) -> None:
     session.add(TimelineEntry(entity_type=entity_type, entity_id=entity_id, who=who, what=what,
-                              from_value=from_value, to_value=to_value, journal_id=ctx.journal_id))
+                              from_value=from_value, to_value=to_value, journal_id=ctx.journal_id,
+                              **({"at": at} if at else {})))
 
 
 def _notifications(session: Session, ctx: MailContext, entity_type: str, entity_id: int, number: str,
@@ -200,3 +236,218 @@ def store_draft(session: Session, d: Draft, ctx: MailContext) -> Notification:
 def _mailbox_view(ctx: MailContext) -> dict[str, str | None]:
     return {"name": ctx.mailbox.name, "address": ctx.mailbox.address,
             "from_name": ctx.mailbox.notifications.from_name}
+
+
+# -- the lifecycle and commands of one mail (D2, D4), after the note is written -------------------
+
+def apply_changes(session: Session, ctx: MailContext) -> None:
+    """Scheduled moves that were due, a resource's first update, commands, a customer's answer.
+
+    In this order, so that `#status` in a resource's first update has the last word (D2).
+    Every failed command is told to its sender in a `command_failed` notification, in
+    this same transaction.
+    """
+    w = ctx.written
+    now = ctx.received_at
+    linked = session.get(Ticket, ctx.target.link_to_ticket_id) if ctx.target.link_to_ticket_id else None
+    if linked is not None:
+        _catch_up(session, ctx, linked, now)  # e.g. its feedback window ended: close it now
+    ticket = session.get(Ticket, w.entity_id) if w.entity_type == "ticket" else None
+    existing = ticket if ticket is not None and not w.created else None
+    if existing is not None:
+        _catch_up(session, ctx, existing, now)
+    authenticated = ctx.sender.kind == "resource" and ctx.trust.passed
+    if existing is not None and authenticated:
+        _first_update(session, ctx, existing, now)
+    failures: list[CommandFailure] = []
+    if ctx.commands_apply and ctx.commands is not None:
+        failures = list(ctx.commands.failures) + _apply_commands(session, ctx, ticket, now)
+        for f in failures:
+            ctx.note("apply", f"failed: line {f.line}", f"{f.text}: {f.why}")
+    elif existing is not None and ctx.sender.kind != "resource":
+        _customer(session, ctx, existing, now)
+    if failures:
+        _command_failed(session, ctx, failures)
+
+
+def _catch_up(session: Session, ctx: MailContext, ticket: Ticket, now: datetime) -> None:
+    settings = settings_for(ctx.config, ticket.source_mailbox)
+    move = due_move(state_of(ticket), settings, now)
+    if move is not None:
+        apply_move(session, ticket, move, who=SYSTEM, now=now, settings=settings, journal_id=ctx.journal_id)
+        ctx.note("apply", f"{ticket.number}: {move.to}", f"{move.what} (due before this mail)")
+
+
+def _first_update(session: Session, ctx: MailContext, ticket: Ticket, now: datetime) -> None:
+    move = first_update(state_of(ticket))
+    if move is None:
+        return
+    who = ctx.sender.address
+    # An assignee chosen before (by #assign) keeps the ticket; otherwise it is the updater's.
+    if ticket.assigned_resource_id is None:
+        assign(session, ticket, session.get(Resource, ctx.sender.resource_id), who=who, now=now,
+               journal_id=ctx.journal_id)
+    apply_move(session, ticket, move, who=who, now=now, settings=settings_for(ctx.config, ticket.source_mailbox),
+               journal_id=ctx.journal_id)
+    ctx.note("apply", "In Progress", f"first authenticated update by a resource: assigned to "
+             f"{ticket.assigned_resource.email}")
+
+
+def _customer(session: Session, ctx: MailContext, ticket: Ticket, now: datetime) -> None:
+    settings = settings_for(ctx.config, ticket.source_mailbox)
+    move, why = customer_move(state_of(ticket), ctx.customer_answer, settings, now)
+    if move is None:
+        ctx.note("apply", "no status change", why)
+        return
+    apply_move(session, ticket, move, who=ctx.sender.address, now=now, settings=settings, journal_id=ctx.journal_id)
+    ctx.note("apply", move.to, why)
+
+
+def _apply_commands(session: Session, ctx: MailContext, ticket: Ticket | None, now: datetime) -> list[CommandFailure]:
+    """Apply a resource's parsed commands in line order; returns the ones that failed, and why."""
+    w = ctx.written
+    who = ctx.sender.address
+    resource = session.get(Resource, ctx.sender.resource_id)
+    commands = ctx.commands.commands
+    failures: list[CommandFailure] = []
+    role_cmds = [c for c in commands if c.name == "role"]
+    times = [c for c in commands if c.name == "time"]
+    roles = _RoleCheck(session, resource)
+    mail_role: str | None = resource.default_role
+    role_failed: CommandFailure | None = None
+    for c in role_cmds:  # the last #role (or #R=) names the role of this mail's time entries
+        role, why = roles.canonical(c.value)
+        if role is None:
+            role_failed = CommandFailure(c.line, c.text, why)
+            failures.append(role_failed)
+        else:
+            mail_role, role_failed = role, None
+    if role_cmds and not times:
+        last = role_cmds[-1]
+        failures.append(CommandFailure(last.line, last.text, "a role is for this mail's time entry, and it logs no "
+                                       "time (add #time <duration>)"))
+    settings = settings_for(ctx.config, ticket.source_mailbox) if ticket else None
+    for c in commands:
+        if c.name == "role":
+            continue
+        if c.name == "time":
+            why = _time_entry(session, ctx, c, roles, mail_role, role_failed, now)
+        elif ticket is None:
+            why = f"{_SPELLING[c.name]} applies to tickets; on a {w.entity_type} only #time and #role apply"
+        elif c.name in ("status", "resolve", "wait_until"):
+            why = _status(session, ctx, ticket, c, settings, now)
+        elif c.name == "assign":
+            target = session.scalar(select(Resource).where(Resource.email == c.value))
+            if target is None:
+                why = f"no resource has the address {c.value}"
+            else:
+                why = None if assign(session, ticket, target, who=who, now=now, journal_id=ctx.journal_id) \
+                    else f"the ticket is already assigned to {c.value}"
+        elif c.name == "unassign":
+            why = _unassign(session, ctx, ticket, settings, now)
+        else:  # priority
+            why = _priority(session, ctx, ticket, c.value, now)
+        if why is None:
+            ctx.note("apply", f"applied line {c.line}", c.text)
+        else:
+            failures.append(CommandFailure(c.line, c.text, why))
+    return sorted(failures, key=lambda f: f.line)
+
+
+_SPELLING = {"status": "#status", "resolve": "#resolve", "wait_until": "#wait until", "assign": "#assign",
+             "unassign": "#unassign", "priority": "#priority"}
+
+
+class _RoleCheck:
+    """Does a role exist for this resource? Its own roles, else any resource's (D3, D4)."""
+
+    def __init__(self, session: Session, resource: Resource) -> None:
+        self.own = list(resource.roles or [])
+        self.known = self.own or sorted({r for roles in session.scalars(select(Resource.roles)) for r in roles or []})
+        self.email = resource.email
+
+    def canonical(self, value: str) -> tuple[str | None, str]:
+        if not self.known:  # a directory without roles: nothing to check against
+            return value, ""
+        for role in self.known:
+            if role.lower() == " ".join(value.split()).lower():
+                return role, ""
+        return None, f"no role {value!r} for {self.email} (roles: {', '.join(self.known)})"
+
+
+def _time_entry(session: Session, ctx: MailContext, c: Command, roles: _RoleCheck, mail_role: str | None,
+                role_failed: CommandFailure | None, now: datetime) -> str | None:
+    if c.role is not None:
+        role, why = roles.canonical(c.role)
+        if role is None:
+            return f"not logged: {why}"
+    elif role_failed is not None:  # never guess another role for a role that failed
+        return f"not logged: the role on line {role_failed.line} does not exist"
+    else:
+        role = mail_role
+    w = ctx.written
+    billable = True if c.billable is None else c.billable
+    session.add(TimeEntry(entity_type=w.entity_type, entity_id=w.entity_id, resource_id=ctx.sender.resource_id,
+                          hours=c.hours, role=role, billable=billable, summary=w.text, date=now, note_id=w.note_id))
+    _timeline(session, ctx, w.entity_type, w.entity_id, ctx.sender.address, "time entry", None,
+              f"{c.hours:g} h" + (f" {role}" if role else "") + ("" if billable else " (not billable)"), at=now)
+    return None
+
+
+def _status(session: Session, ctx: MailContext, ticket: Ticket, c: Command, settings, now: datetime) -> str | None:
+    until = None
+    if c.name == "wait_until":
+        until = c.until.replace(tzinfo=ZoneInfo(ctx.config.settings.numbering.timezone))
+    to = {"resolve": "Resolved", "wait_until": "Waiting Until"}.get(c.name, c.value)
+    move = resource_move(state_of(ticket), to, resolution=c.value if c.name == "resolve" else None,
+                         until=until, now=now)
+    if isinstance(move, str):
+        return move
+    apply_move(session, ticket, move, who=ctx.sender.address, now=now, settings=settings, journal_id=ctx.journal_id)
+    return None
+
+
+def _unassign(session: Session, ctx: MailContext, ticket: Ticket, settings, now: datetime) -> str | None:
+    if not assign(session, ticket, None, who=ctx.sender.address, now=now, journal_id=ctx.journal_id):
+        return "the ticket is not assigned"
+    move = unassign_move(state_of(ticket))
+    if move is not None:
+        apply_move(session, ticket, move, who=ctx.sender.address, now=now, settings=settings,
+                   journal_id=ctx.journal_id)
+    return None
+
+
+def _priority(session: Session, ctx: MailContext, ticket: Ticket, priority: str, now: datetime) -> str | None:
+    if ticket.priority == priority:
+        return f"the priority is already {priority}"
+    _timeline(session, ctx, "ticket", ticket.id, ctx.sender.address, "priority changed", ticket.priority, priority,
+              at=now)
+    ticket.priority = priority
+    ticket.updated_at = now
+    return None
+
+
+def _command_failed(session: Session, ctx: MailContext, failures: list[CommandFailure]) -> None:
+    """Tell the sender which line failed and why (D4); never to a sender we must not answer."""
+    if ctx.no_answer or not ctx.mailbox.notifications.command_failed:
+        ctx.note("apply", "sender not told", ctx.no_answer or "command_failed notifications are off")
+        return
+    w = ctx.written
+    numbering = ctx.config.settings.numbering
+    tag = ticket_tag(numbering, w.number) if w.entity_type == "ticket" else f"[{w.entity_type.title()}#{w.number}]"
+    title = _entity_title(session, w.entity_type, w.entity_id)
+    body = render("command_failed", recipient_name=ctx.sender.name, subject=ctx.parsed.subject, number=w.number,
+                  entity_label=w.entity_type, failures=failures, mailbox=_mailbox_view(ctx))
+    d = draft("command_failed", mailbox=ctx.mailbox, recipients=[(ctx.sender.address, "sender")],
+              subject=f"{tag} Command failed: {title}", body=body, mail=ctx.parsed, entity_type=w.entity_type,
+              entity_id=w.entity_id, number=w.number, journal_id=ctx.journal_id)
+    if d is not None:
+        store_draft(session, d, ctx)
+
+
+def _entity_title(session: Session, entity_type: str, entity_id: int) -> str:
+    if entity_type == "ticket":
+        return session.get(Ticket, entity_id).title
+    if entity_type == "task":
+        return session.get(Task, entity_id).title
+    return session.get(Project, entity_id).name
