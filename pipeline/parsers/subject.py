@@ -1,29 +1,53 @@
-"""Subject normalisation (D1.5) for the loop guard and the duplicate-ticket rule."""
+"""Subject normalisation (D1.5) for the loop guard and the duplicate-ticket rule.
+
+The leading run of a subject is read token by token: reply/forward prefixes (RE, FW, FWD,
+AW, WG, SV, VS, RV, TR, Antw, … in any case, numbered like `RE[2]:` or `Re^3:`, with a
+French space before the colon) and gateway tags (`[EXTERNAL]`, `*EXTERNAL*`, `EXTERNAL:`,
+`[SPAM]`, …) are dropped wherever they stand in that run; other bracket tags (mailing-list
+names, our own `[Ticket#…]`) are kept, in order, once each — so "[acme-users] Re: VPN" and
+"Re: [acme-users] VPN" normalise alike.
+"""
 
 from __future__ import annotations
 
 import re
 
-# Reply/forward prefixes: RE, FW, FWD, AW, WG, SV, VS, RV, TR, Antw/Antwort, optionally
-# numbered ("RE[2]:", "Re(3):"), in any case, repeated.
+# Reply/forward prefixes in the languages MSP customers write in: RE/AW/SV/Antw/RES/Odp (reply),
+# FW/FWD/WG/VS/RV/TR/ENC/Doorst/RIF (forward).
 _PREFIX = re.compile(
-    r"^\s*(?:re|fw|fwd|aw|wg|sv|vs|rv|tr|antw|antwort|ant)\s*(?:\[\d+\]|\(\d+\))?\s*[:：]\s*",
+    r"(?:re|fw|fwd|aw|wg|sv|vs|rv|tr|antw|antwort|ant|res|enc|doorst|rif|odp|vl|ynt)"
+    r"\s*(?:\[\d+\]|\(\d+\)|\^\d+)?\s*[:：]",
     re.IGNORECASE,
 )
-# Tags that mail gateways prepend in front of the prefixes.
-_GATEWAY_TAG = re.compile(r"^\s*(?:\[(?:external|ext|extern|caution|spam|suspected spam)\]|\*external\*)\s*",
-                          re.IGNORECASE)
+# Tags that mail gateways prepend in front of (or between) the prefixes.
+_GATEWAY_TAG = re.compile(
+    r"(?:\[(?:external|ext|extern|externe|externo|external\s+email|external\s+sender|caution|spam|suspected\s+spam"
+    r"|possible\s+spam|phish(?:ing)?|bulk|warning|secure|encrypt(?:ed)?)\]|\*{1,3}\s*(?:external|spam)\s*\*{1,3}"
+    r"|(?:external|extern)\s*:)",
+    re.IGNORECASE,
+)
+_TAG = re.compile(r"\[[^\[\]]{1,80}\]")
 
 
 def strip_prefixes(subject: str) -> str:
     """`RE: [EXTERNAL] Fwd: AW: Printer down` → `Printer down` (case kept)."""
-    text = subject or ""
-    while True:
-        stripped = _GATEWAY_TAG.sub("", text, count=1)
-        stripped = _PREFIX.sub("", stripped, count=1)
-        if stripped == text:
-            return " ".join(text.split())
-        text = stripped
+    text = " ".join((subject or "").split())
+    kept: list[str] = []
+    pos = 0
+    while pos < len(text):
+        while pos < len(text) and text[pos] == " ":
+            pos += 1
+        for pattern, keep in ((_PREFIX, False), (_GATEWAY_TAG, False), (_TAG, True)):
+            m = pattern.match(text, pos)
+            if m:
+                if keep and m.group(0) not in kept:
+                    kept.append(m.group(0))
+                pos = m.end()
+                break
+        else:
+            break
+    rest = text[pos:].strip()
+    return " ".join([*kept, rest]).strip()
 
 
 def normalise_subject(subject: str) -> str:
