@@ -98,7 +98,9 @@ def demo(run_dir: Path | None) -> None:
               help="Fetch only this mailbox (repeatable); default: every mailbox in the configuration.")
 @click.option("--concurrency", type=click.IntRange(1), default=None,
               help="Worker processes (default: one per CPU).")
-def run(mailboxes: tuple[str, ...], concurrency: int | None) -> None:
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, envvar="PIPELINE_METRICS_PORT",
+              help="Serve Prometheus metrics on this port (also $PIPELINE_METRICS_PORT).")
+def run(mailboxes: tuple[str, ...], concurrency: int | None, metrics_port: int | None) -> None:
     """Worker, scheduler and fetchers in one process tree, for one machine.
 
     Runs a Celery worker on every queue; runs the scheduler (Celery beat) only while
@@ -116,7 +118,27 @@ def run(mailboxes: tuple[str, ...], concurrency: int | None) -> None:
     logging.getLogger("pipeline").setLevel(logging.INFO)
     click.echo(f"pipeline run: mailboxes {', '.join(names)}; broker {maybe_sanitize_url(rt.config.broker_url)}",
                err=True)
-    sys.exit(Supervisor(rt.config, client, names, concurrency).run())
+    from pipeline.tasks import read_status
+
+    supervisor = Supervisor(rt.config, client, names, concurrency, metrics_port=metrics_port,
+                            read_status=lambda: read_status(rt))
+    sys.exit(supervisor.run())
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def status(as_json: bool) -> None:
+    """Mailboxes (last fetch, failing, outcomes), queues, lag and quarantine, for the whole fleet."""
+    from pipeline.tasks import read_status
+
+    st = read_status(_runtime())
+    if as_json:
+        _emit(st.as_json())
+        return
+    from pipeline.render import status_tables
+
+    status_tables(st)
 
 
 # -- ingest / import / parse -------------------------------------------------------------------

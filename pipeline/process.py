@@ -11,6 +11,7 @@ raises `Unavailable` and the mail stays journaled, unprocessed, for a retry.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from datetime import datetime, timezone
 
@@ -19,13 +20,15 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
+from pipeline import metrics
 from pipeline.config import Config
 from pipeline.context import MailContext, Result, StopMail, TraceStep
 from pipeline.dedup.loop_guard import LoopGuard
 from pipeline.errors import CannotRun
+from pipeline.logs import mail_context, update_mail_context
 from pipeline.stages import PIPELINE, StageEnv
 from pipeline.store.db import Store
-from pipeline.store.journal import reopen_quarantined
+from pipeline.store.journal import is_import_ref, reopen_quarantined
 from pipeline.store.lookups import Lookups
 from pipeline.store.models import JournalEntry
 from pipeline.store.write import rejection_notice, store_draft
@@ -98,6 +101,10 @@ class MailProcessor:
         raise AssertionError("unreachable")
 
     def _process_once(self, journal_id: int) -> Result:
+        with mail_context(journal_id=journal_id):
+            return self._process_in_context(journal_id)
+
+    def _process_in_context(self, journal_id: int) -> Result:
         ctx: MailContext | None = None
         stage_name = "journal"
         with self.store.sessions() as session:
@@ -115,10 +122,18 @@ class MailProcessor:
                     ctx = MailContext(config=self.config, mailbox=box, raw=entry.raw,
                                       received_at=_aware(entry.received_at), journal_id=journal_id)
                     env = StageEnv(session, Lookups(session), self.loop_guard)
+                    update_mail_context(mailbox=box.name)
                     try:
                         for stage in PIPELINE:
                             stage_name = stage.name
-                            stage(ctx, env)
+                            update_mail_context(stage=stage_name)
+                            started = time.perf_counter()
+                            try:
+                                stage(ctx, env)
+                            finally:
+                                metrics.STAGE_SECONDS.labels(stage_name).observe(time.perf_counter() - started)
+                            if ctx.mail is not None and stage_name == "parse":
+                                update_mail_context(message_id=ctx.mail.message_id)
                         outcome, reason = ctx.outcome, None
                     except StopMail as stop:
                         outcome, reason = stop.outcome, stop.reason
@@ -128,7 +143,13 @@ class MailProcessor:
                                 store_draft(session, notice, ctx)
                     _finish(entry, ctx, outcome, reason, failed_stage=stage_name if outcome == "quarantined" else None)
                     session.flush()
-                    return _result(ctx, outcome, reason, journal_id)
+                    result = _result(ctx, outcome, reason, journal_id)
+                    done = (box.name, outcome, reason, ctx.received_at, entry.processed_at, _imported(entry))
+                # Committed: only now is the outcome a fact worth counting.
+                metrics.mail_done(*done)
+                log.info("mail #%s: %s after stage %s%s", journal_id, outcome, stage_name,
+                         f" ({reason})" if reason else "")
+                return result
             except IntegrityError as exc:
                 if ctx is not None and ctx.identity:
                     other = self._processed_by(ctx.identity, journal_id)
@@ -152,19 +173,25 @@ class MailProcessor:
         with self.store.transaction() as session:
             entry = session.get(JournalEntry, journal_id)
             _finish(entry, ctx, outcome, reason)
+            done = (entry.mailbox, outcome, reason, ctx.received_at, entry.processed_at, _imported(entry))
+        metrics.mail_done(*done)
         return _result(ctx, outcome, reason, journal_id)
 
     def _quarantine(self, journal_id: int, stage: str, exc: BaseException, trace: list[TraceStep]) -> Result:
         reason = f"stage {stage} failed: {type(exc).__name__}: {_one_line(exc)}"
         trace = list(trace) + [TraceStep(stage, "error", reason)]
+        now = datetime.now(timezone.utc)
         with self.store.transaction() as session:
-            session.execute(
+            row = session.execute(
                 update(JournalEntry).where(JournalEntry.id == journal_id, JournalEntry.outcome.is_(None)).values(
                     outcome="quarantined", reason=reason, failed_stage=stage,
                     error="".join(traceback.format_exception(exc))[-4000:],
-                    trace=[t.as_json() for t in trace], processed_at=datetime.now(timezone.utc),
-                )
-            )
+                    trace=[t.as_json() for t in trace], processed_at=now,
+                ).returning(JournalEntry.mailbox, JournalEntry.received_at, JournalEntry.source_ref)
+            ).first()
+        if row is not None:
+            metrics.mail_done(row.mailbox, "quarantined", reason, _aware(row.received_at), now,
+                              is_import_ref(row.source_ref))
         return Result("quarantined", None, reason, trace, journal_id)
 
     def replay(self, journal_id: int) -> Result | None:
@@ -223,6 +250,10 @@ def _stored_result(entry: JournalEntry) -> Result:
     entity = {"type": entry.entity_type, "number": entry.entity_number} if entry.entity_number else None
     trace = [TraceStep(t["stage"], t["decision"], t["why"]) for t in entry.trace or []]
     return Result(entry.outcome, entity, entry.reason, trace, entry.id)  # type: ignore[arg-type]
+
+
+def _imported(entry: JournalEntry) -> bool:
+    return is_import_ref(entry.source_ref)
 
 
 def _aware(value: datetime) -> datetime:

@@ -42,3 +42,26 @@ def ticket_detail(t: dict[str, Any], console: Console | None = None) -> None:
         for e in t["timeline"]:
             change = f" {e['from'] or ''} → {e['to']}" if e["to"] else ""
             console.print(f"  {e['at']}  {e['who']}  {e['what']}{change}", markup=False)
+
+
+def status_tables(st: Any, console: Console | None = None) -> None:
+    """`pipeline status`: one table per concern, read at a glance."""
+    console = console or Console()
+    boxes = Table(title="Mailboxes", title_justify="left")
+    for col in ("Mailbox", "Source", "Last fetch", "State", "Waiting", "Outcomes"):
+        boxes.add_column(col)
+    for b in st.mailboxes:
+        state = f"[red]failing: {b.failing}" if b.failing else "[green]ok"
+        outcomes = ", ".join(f"{n} {o}" for o, n in sorted(b.outcomes.items())) or "—"
+        boxes.add_row(b.name, b.source, b.last_fetch or "never", state, str(b.waiting), outcomes)
+    console.print(boxes)
+    queues = ", ".join(f"{q} {n if n is not None else '?'}" for q, n in st.queues.items())
+    console.print(f"Queues: {queues}" + (f"  [red](broker: {st.broker_error})" if st.broker_error else ""))
+    if st.lag_samples:
+        console.print(f"Journal-to-written lag, last hour: p50 {st.lag_p50_seconds:.2f} s, "
+                      f"p99 {st.lag_p99_seconds:.2f} s over {st.lag_samples} mail(s)")
+    else:
+        console.print("Journal-to-written lag, last hour: no mail processed")
+    style = "red" if st.quarantine else "green"
+    console.print(f"Quarantine: [{style}]{st.quarantine}[/{style}] (pipeline quarantine list)   "
+                  f"Waiting for an outcome: {st.waiting}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,10 +20,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import redis
 from redis.exceptions import LockError
 
+from pipeline import metrics
 from pipeline.config import Config
 from pipeline.tasks.policy import QUEUES
 
@@ -36,7 +39,8 @@ PR_SET_PDEATHSIG = 1
 
 class Supervisor:
     def __init__(self, config: Config, client: redis.Redis, mailboxes: list[str], concurrency: int | None,
-                 loglevel: str = "INFO") -> None:
+                 loglevel: str = "INFO", metrics_port: int | None = None,
+                 read_status: Callable[[], object] | None = None) -> None:
         self.config = config
         self.client = client
         self.mailboxes = mailboxes
@@ -46,6 +50,11 @@ class Supervisor:
         self.worker: subprocess.Popen[bytes] | None = None
         self.beat: subprocess.Popen[bytes] | None = None
         self.state_dir = Path(tempfile.mkdtemp(prefix="mailloop-run-"))
+        # The worker's pool processes write their counters here; this process serves the sum.
+        self.metrics_dir = self.state_dir / "metrics"
+        self.metrics_dir.mkdir()
+        self.metrics_port = metrics_port
+        self.read_status = read_status
         self.lock = client.lock(f"{config.settings.redis.key_prefix}lock:scheduler",
                                 timeout=SCHEDULER_LOCK_SECONDS, blocking=False)
 
@@ -55,6 +64,8 @@ class Supervisor:
         if self.config.path is not None:
             env["PIPELINE_CONFIG"] = str(self.config.path.resolve())
         env["PIPELINE_MAILBOXES"] = ",".join(self.mailboxes)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
+        env.pop("PIPELINE_METRICS_PORT", None)  # this process serves the metrics, not the worker
         return env
 
     def _celery(self, *args: str) -> subprocess.Popen[bytes]:
@@ -91,6 +102,8 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self.start_worker()
+        if self.metrics_port and self.read_status:
+            metrics.serve(self.metrics_port, self.read_status, str(self.metrics_dir))
         code = 0
         last_renew = 0.0
         try:
@@ -122,6 +135,7 @@ class Supervisor:
         self._release()
         if self.worker is not None:
             _stop(self.worker)  # warm shutdown: tasks already started are finished
+        shutil.rmtree(self.state_dir, ignore_errors=True)
         log.info("stopped")
 
     def _release(self) -> None:

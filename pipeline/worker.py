@@ -3,13 +3,19 @@
 The configuration is found as every command finds it (`$PIPELINE_CONFIG`, else
 `./mailboxes.toml`); the broker is `CELERY_BROKER_URL`, else `[celery].broker_url`, else
 the Redis URL. `$PIPELINE_MAILBOXES` (comma-separated) limits which mailboxes this
-beat schedules — `pipeline run --mailbox` sets it.
+beat schedules — `pipeline run --mailbox` sets it. With `$PIPELINE_METRICS_PORT` the
+worker serves Prometheus metrics for all its processes on that port.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
+
+if os.environ.get("PIPELINE_METRICS_PORT") and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # Must be set before prometheus_client is imported, in this process and the pool's.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mailloop-metrics-")
 
 from celery import Celery
 

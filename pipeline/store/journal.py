@@ -13,6 +13,15 @@ from sqlalchemy.orm import Session
 from pipeline.store.models import JournalEntry
 
 
+# `pipeline import` records file:, mbox: and maildir:/absolute/path references; their
+# received time is the mail's own Date, so they say nothing about the pipeline's lag.
+IMPORT_REF_PREFIXES = ("file:", "mbox:", "maildir:/")
+
+
+def is_import_ref(source_ref: str | None) -> bool:
+    return (source_ref or "").startswith(IMPORT_REF_PREFIXES)
+
+
 def unprocessed_ids(session: Session, received_before: datetime, limit: int = 10_000) -> list[int]:
     """Journal ids still without an outcome that were received before `received_before`, oldest first."""
     rows = session.scalars(

@@ -8,7 +8,12 @@ or ORM objects.
 
 from __future__ import annotations
 
-from celery.signals import worker_process_init, worker_process_shutdown
+import logging
+import os
+
+from celery.signals import setup_logging, task_retry, worker_process_init, worker_process_shutdown, worker_ready
+
+from pipeline import logs, metrics
 
 from pipeline.runtime import Runtime
 
@@ -34,3 +39,39 @@ def _fresh_after_fork(**_: object) -> None:
 def _close(**_: object) -> None:
     if _runtime is not None:
         _runtime.close()
+
+
+@setup_logging.connect
+def _structured_logs(loglevel: int | str | None = None, **_: object) -> None:
+    # Connected, this replaces Celery's own logging set-up: every line is JSON with the mail's fields.
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, str) else (loglevel or logging.INFO)
+    logs.configure(level)
+
+
+@task_retry.connect
+def _count_retry(sender: object = None, **_: object) -> None:
+    metrics.RETRIES.labels(getattr(sender, "name", "unknown")).inc()
+
+
+@worker_ready.connect
+def _serve_metrics(**_: object) -> None:
+    """A fleet worker started with PIPELINE_METRICS_PORT serves /metrics from its main process.
+
+    Started once the pool has forked, after one read that imports everything a scrape
+    needs: a pool process forked while the server thread held an import lock would hang.
+    """
+    port = os.environ.get("PIPELINE_METRICS_PORT")
+    if port:
+        rt = Runtime(None)
+        try:
+            read_status(rt)
+        except Exception as exc:  # down now is fine: the scrape reports it
+            logging.getLogger("pipeline.metrics").warning("metrics: first status read failed: %s", exc)
+        metrics.serve(int(port), lambda: read_status(rt))
+
+
+def read_status(rt: Runtime, with_queues: bool = True):  # -> pipeline.status.Status
+    from pipeline.status import collect
+
+    with rt.store(migrate_sqlite=False).sessions() as session:
+        return collect(rt.config, session, rt.redis(), with_queues=with_queues)

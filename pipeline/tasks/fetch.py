@@ -7,12 +7,15 @@ worker that dies holding it blocks the mailbox for at most `FETCH_LOCK_SECONDS`.
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timezone
 
 from celery import shared_task
 from redis.exceptions import LockError
 
+from pipeline.metrics import FETCHED
 from pipeline.process import Unavailable
 from pipeline.sources.maildir import fetch_maildir
+from pipeline.status import record_fetch, record_fetch_failure
 from pipeline.tasks import runtime
 from pipeline.tasks.policy import FETCH_LOCK_SECONDS, PROCESS_BATCH, RETRY, task_options
 from pipeline.tasks.process import enqueue
@@ -38,12 +41,18 @@ def fetch_mailbox(mailbox: str) -> int:
     try:
         processor = rt.processor()
         ids = fetch_maildir(rt.config.resolve_path(box.source.path), mailbox, rt.store(), processor.journal)
+        record_fetch(client, rt.config, mailbox, datetime.now(timezone.utc))
+    except OSError as exc:  # the folder is gone or unreadable: not transient, tell the operator
+        record_fetch_failure(client, rt.config, mailbox, f"{type(exc).__name__}: {exc}")
+        log.error("mailbox %s: cannot read its Maildir: %s", mailbox, exc)
+        return 0
     finally:
         try:
             lock.release()
         except LockError:  # it expired while we fetched; the journal's source_ref keeps this safe
             log.warning("mailbox %s: fetch lock expired before the fetch ended", mailbox)
     if ids:
+        FETCHED.labels(mailbox).inc(len(ids))
         enqueue(ids, PROCESS_BATCH)
         log.info("mailbox %s: journaled %d mail(s)", mailbox, len(ids))
     return len(ids)

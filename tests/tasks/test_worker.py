@@ -7,6 +7,7 @@ real PostgreSQL. Tasks are sent by name, as beat sends them.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +17,7 @@ from celery import Celery
 from sqlalchemy import func, select
 
 from pipeline.config import Config, parse_config
+from pipeline.stages import PIPELINE
 from pipeline.store.db import Store
 from pipeline.store.models import JournalEntry, Ticket
 from pipeline.tasks.app import create_app
@@ -93,6 +95,12 @@ def test_maildir_mail_becomes_tickets_through_a_real_worker(
     with store.sessions() as session:
         titles = set(session.scalars(select(Ticket.title)))
     assert titles == {f"Laptop {i:03d} will not boot" for i in range(5)}
+
+    # Structured logs: every line is JSON; a mail's lines carry its Message-ID, mailbox and stage.
+    lines = [json.loads(line) for line in worker.log_path.read_text().splitlines() if line.startswith("{")]
+    written = [r for r in lines if r["logger"] == "pipeline.process" and "ticket_created" in r["msg"]]
+    assert {r["message_id"] for r in written} == {f"<boot-{i:03d}@acme.example>" for i in range(5)}
+    assert {(r["mailbox"], r["stage"]) for r in written} == {("support", PIPELINE[-1].name)}
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
