@@ -1,4 +1,4 @@
-"""Maintenance tasks (scheduled by beat): reconciliation of the journal."""
+"""Maintenance tasks (scheduled by beat): reconciliation of the journal, scheduled ticket transitions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from datetime import datetime, timedelta, timezone
 
 from celery import shared_task
 
-from pipeline.process import Unavailable
+from pipeline.lifecycle import run_scheduled_transitions
+from pipeline.process import TRANSIENT, Unavailable
 from pipeline.store.journal import unprocessed_ids
 from pipeline.tasks import runtime
 from pipeline.tasks.policy import PROCESS_BATCH, RECONCILE_AFTER, RETRY, task_options
@@ -32,3 +33,21 @@ def reconcile(older_than_seconds: float | None = None) -> int:
         enqueue(ids, PROCESS_BATCH)
         log.warning("reconcile: %d journaled mail(s) without an outcome enqueued again", len(ids))
     return len(ids)
+
+
+@shared_task(name="pipeline.tasks.maintenance.scheduled_transitions", autoretry_for=(Unavailable,),
+             **RETRY, **task_options("maintenance", idempotent=True))
+def scheduled_transitions(now: str | None = None) -> dict[str, int]:
+    """D2's transitions that come due with time (Waiting Until, feedback window, auto-close).
+
+    `now` (ISO 8601) sets the clock, for a test or to catch up; beat leaves it to the wall clock.
+    """
+    clock = datetime.fromisoformat(now) if now else datetime.now(timezone.utc)
+    try:
+        with runtime().store().transaction() as session:
+            counts = run_scheduled_transitions(session, runtime().config, clock)
+    except TRANSIENT as exc:
+        raise Unavailable(f"scheduled transitions wait for the store: {exc}") from None
+    if any(counts.values()):
+        log.info("scheduled transitions at %s: %s", clock.isoformat(), counts)
+    return counts

@@ -101,6 +101,11 @@ def beat_schedule(config: Config, mailboxes: list[str] | None = None) -> dict[st
         "schedule": RECONCILE_EVERY.total_seconds(),
         "options": {"expires": RECONCILE_EVERY.total_seconds()},
     }
+    schedule["maintenance:scheduled_transitions"] = {
+        "task": "pipeline.tasks.maintenance.scheduled_transitions",
+        "schedule": TRANSITIONS_EVERY.total_seconds(),
+        "options": {"expires": TRANSITIONS_EVERY.total_seconds()},
+    }
     return schedule
 
 

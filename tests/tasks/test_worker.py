@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -137,3 +138,35 @@ def test_a_worker_killed_mid_batch_leaves_every_mail_processed_exactly_once(
     assert journaled == total  # no mail journaled twice
     assert not any((maildir / "new").iterdir())
     assert len(list((maildir / "cur").iterdir())) == total
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_the_beat_task_for_scheduled_transitions_closes_a_resolved_ticket_after_its_window(
+        fleet_config: Config, broker_url: str, store: Store, processor, tmp_path: Path) -> None:
+    number = processor.ingest("support", make_mail(subject="Printer toner")).entity["number"]
+    resolved = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+    with store.transaction() as session:
+        ticket = session.scalar(select(Ticket).where(Ticket.number == number))
+        ticket.status, ticket.resolved_at, ticket.status_changed_at = "Resolved", resolved, resolved
+    assert "maintenance:scheduled_transitions" in _app(fleet_config, broker_url).conf.beat_schedule
+
+    worker = WorkerProcess(fleet_config.path, tmp_path / "worker.log",
+                           env={"CELERY_BROKER_URL": broker_url}).start()
+    app = _app(fleet_config, broker_url)
+    try:
+        # The clock is the task's argument: two days after resolving, the 3-day window is still open.
+        app.send_task("pipeline.tasks.maintenance.scheduled_transitions",
+                      kwargs={"now": (resolved + timedelta(days=2)).isoformat()})
+        app.send_task("pipeline.tasks.maintenance.scheduled_transitions",
+                      kwargs={"now": (resolved + timedelta(days=4)).isoformat()})
+        wait_until(lambda: _status_of(store, number) == "Closed", 60, "the ticket was not closed")
+    finally:
+        worker.stop()
+        app.close()
+    assert "Task pipeline.tasks.maintenance.scheduled_transitions" in worker.log()
+
+
+def _status_of(store: Store, number: str) -> str:
+    with store.sessions() as session:
+        return session.scalar(select(Ticket.status).where(Ticket.number == number))
