@@ -26,6 +26,7 @@ _PARAGRAPH = {"p", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol", "dl"
               "address", "figure", "fieldset", "form"}
 _BLOCK = {"div", "section", "article", "header", "footer", "main", "nav", "aside", "center", "dt", "dd",
           "caption", "tbody", "thead", "tfoot", "details", "summary", "figcaption", "hgroup"}
+_IN_CELL_INLINE = {"p", "div", "h1", "h2", "h3", "h4", "h5", "h6", "center", "span", "font"}
 _WS = re.compile(r"[ \t\r\n\f\v\xa0\u200b\u2002\u2003\u2009]+")
 _BAD_XML_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _XML_DECLARATION = re.compile(r"^\s*<\?xml[^>]*>", re.IGNORECASE)
@@ -81,7 +82,7 @@ class _Writer:
         if self.pending or self.line_start:
             self._flush()
             self.space = False
-        elif self.space:
+        elif self.space and not self.out[-1].endswith(" "):
             self.out.append(" ")
         self.out.append(text)
         self.line_start = False
@@ -150,6 +151,7 @@ def _render(root: etree._Element) -> str:  # noqa: C901 - one event loop reads b
     w = _Writer()
     lists: list[list[int | None]] = []  # per open list: [counter] (None for bullets)
     pre = 0
+    cells = 0  # table cells open: a paragraph inside a cell does not break the row
     walker = etree.iterwalk(root, events=("start", "end"))
     for event, el in walker:
         tag = el.tag if isinstance(el.tag, str) else ""
@@ -167,13 +169,23 @@ def _render(root: etree._Element) -> str:  # noqa: C901 - one event loop reads b
                 w.mark(mark + " " if _NUMBERED_MARK.match(mark) else "- ")
                 walker.skip_subtree()
                 continue
-            _open(w, el, tag, style, lists)
+            if cells and tag in _IN_CELL_INLINE:
+                w.text(" ")
+            else:
+                _open(w, el, tag, style, lists)
+            if tag in ("td", "th"):
+                cells += 1
             if tag == "pre":
                 pre += 1
             if el.text:
                 (w.raw_lines if pre else w.text)(el.text)
         else:
-            _close(w, el, tag, lists)
+            if tag in ("td", "th"):
+                cells = max(cells - 1, 0)
+            if cells and tag in _IN_CELL_INLINE:
+                w.text(" ")
+            else:
+                _close(w, el, tag, lists)
             if tag == "pre":
                 pre -= 1
             _tail(w, el, pre)

@@ -377,7 +377,7 @@ def _message_bytes(part: Message) -> bytes:
 # -- choosing the body ---------------------------------------------------------------------------
 
 def _choose_body(walk: _Walk, warnings: list[str]) -> tuple[str, str | None]:
-    plain = "\n\n".join(p for p in walk.plain if p.strip())
+    plain = "\n\n".join(p.strip("\r\n") for p in walk.plain if p.strip())
     html = "\n".join(walk.html) if walk.html else walk.tnef_html
     if not plain and walk.tnef_text:
         plain = walk.tnef_text

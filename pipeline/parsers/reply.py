@@ -124,8 +124,8 @@ def new_text(body: str) -> str:
     lines = lines[:history_start(lines)]
     lines = _without_inline_quotes(lines)
     lines = _without_banner(lines)
-    lines = _without_signature(lines)
     lines = _without_disclaimer(lines)
+    lines = _without_signature(lines)
     text = "\n".join(lines).strip("\n").rstrip()
     # A reply that is only a quote (or empty) keeps its whole body rather than nothing.
     return text if text.strip() else body.strip()
@@ -202,7 +202,8 @@ def _without_inline_quotes(lines: list[str]) -> list[str]:
                 next_is_quote = False
                 continue
             next_is_quote = False
-        keep.append(line)
+        if line.strip() or not keep or keep[-1].strip():  # a removed quote leaves one blank line, not two
+            keep.append(line)
     keep.reverse()
     return keep
 

@@ -41,8 +41,8 @@ def unpack(data: bytes) -> TnefContent | None:
     for attachment in tnef.attachments:
         try:
             name = attachment.long_filename()
-        except Exception:
-            name = None
+        except Exception:  # tnefparse decodes 8-bit names as UTF-8; Outlook writes them in the code page
+            name = getattr(attachment, "_name", None)
         if isinstance(name, bytes):
             name = decode_bytes(name.rstrip(b"\x00"))
         name = (name or "").strip("\x00").strip()
