@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import click
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.errors import CannotRun
 from pipeline.runtime import Runtime
 

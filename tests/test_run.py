@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from pipeline.store.db import Store
 from pipeline.store.models import JournalEntry
-from tests.brokers import private_redis, wait_until
+from tests.services import private_redis, wait_until
 from tests.conftest import config_text
 
 pytestmark = pytest.mark.timeout(240)

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from pipeline.config import Config
 from pipeline.store.db import Store
 from pipeline.store.models import JournalEntry
-from tests.brokers import WorkerProcess, free_port, private_redis, wait_until
+from tests.services import WorkerProcess, free_port, private_redis, wait_until
 from tests.conftest import fixture_bytes, make_mail
 from tests.tasks.test_worker import _app, fleet_config  # noqa: F401  (a fixture)
 

@@ -22,7 +22,7 @@ from pipeline.stages import PIPELINE
 from pipeline.store.db import Store
 from pipeline.store.models import JournalEntry, Ticket
 from pipeline.tasks.app import create_app
-from tests.brokers import WorkerProcess, private_redis, rabbitmq_vhost, wait_until
+from tests.services import WorkerProcess, private_redis, rabbitmq_vhost, wait_until
 from tests.conftest import config_text, make_mail
 
 pytestmark = pytest.mark.timeout(300)
