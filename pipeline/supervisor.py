@@ -23,16 +23,14 @@ from pathlib import Path
 from typing import Callable
 
 import redis
-from redis.exceptions import LockError
 
 from pipeline import metrics
 from pipeline.config import Config
+from pipeline.scheduler_lock import HELD_BY_PARENT_ENV, RENEW_EVERY, SchedulerLock
 from pipeline.tasks.policy import QUEUES
 
 log = logging.getLogger("pipeline.run")
 
-SCHEDULER_LOCK_SECONDS = 30
-RENEW_EVERY = 10
 STOP_GRACE_SECONDS = 60
 PR_SET_PDEATHSIG = 1
 
@@ -55,8 +53,7 @@ class Supervisor:
         self.metrics_dir.mkdir()
         self.metrics_port = metrics_port
         self.read_status = read_status
-        self.lock = client.lock(f"{config.settings.redis.key_prefix}lock:scheduler",
-                                timeout=SCHEDULER_LOCK_SECONDS, blocking=False)
+        self.lock = SchedulerLock(client, config)
 
     # -- children ------------------------------------------------------------------------
     def _env(self) -> dict[str, str]:
@@ -68,9 +65,9 @@ class Supervisor:
         env.pop("PIPELINE_METRICS_PORT", None)  # this process serves the metrics, not the worker
         return env
 
-    def _celery(self, *args: str) -> subprocess.Popen[bytes]:
+    def _celery(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "celery", "-A", "pipeline.worker", *args, "--loglevel", self.loglevel]
-        return subprocess.Popen(cmd, env=self._env(), preexec_fn=_die_with_parent)
+        return subprocess.Popen(cmd, env={**self._env(), **(env or {})}, preexec_fn=_die_with_parent)
 
     def start_worker(self) -> None:
         args = ["worker", "-Q", ",".join(QUEUES), "-n", f"mailloop-{os.getpid()}@{socket.gethostname()}"]
@@ -80,19 +77,18 @@ class Supervisor:
         log.info("worker started (pid %s)", self.worker.pid)
 
     def _start_beat(self) -> None:
-        self.beat = self._celery("beat", "--schedule", str(self.state_dir / "beat-schedule"))
+        self.beat = self._celery("beat", "--schedule", str(self.state_dir / "beat-schedule"),
+                                 env={HELD_BY_PARENT_ENV: "1"})
         log.info("this machine schedules for the fleet: beat started (pid %s)", self.beat.pid)
 
     # -- the scheduler lock --------------------------------------------------------------
     def tend_scheduler(self) -> None:
         """Hold the lock and run beat, or wait for the lock while another machine holds it."""
         if self.beat is None:
-            if self.lock.acquire():
+            if self.lock.try_acquire():
                 self._start_beat()
             return
-        try:
-            self.lock.reacquire()
-        except LockError:
+        if not self.lock.renew():
             log.warning("lost the scheduler lock; stopping beat so that only one machine schedules")
             _stop(self.beat)
             self.beat = None
@@ -139,10 +135,7 @@ class Supervisor:
         log.info("stopped")
 
     def _release(self) -> None:
-        try:
-            self.lock.release()
-        except LockError:
-            pass  # not held, or expired
+        self.lock.release()
 
 
 def _die_with_parent() -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,43 @@ def test_a_killed_run_leaves_no_worker_or_beat_behind(tmp_path: Path, db_url: st
         run.kill()
         run.wait(10)
         wait_until(lambda: not _processes_using(config_path), 90, "children outlived a SIGKILLed `pipeline run`")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_second_bare_celery_beat_waits_until_the_first_is_gone(
+        tmp_path: Path, db_url: str, key_prefix: str, store: Store) -> None:
+    maildir = tmp_path / "maildir"
+    config_path = tmp_path / "mailboxes.toml"
+    config_path.write_text(config_text(db_url, key_prefix,
+                                       source=f'{{ kind = "maildir", path = "{maildir}", poll_seconds = 1 }}'),
+                           encoding="utf-8")
+    sends = "Scheduler: Sending due task fetch:support"
+
+    def beat(name: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log = tmp_path / f"{name}.log"
+        env = {**os.environ, "PIPELINE_CONFIG": str(config_path), "CELERY_BROKER_URL": broker}
+        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "pipeline.worker", "beat", "--loglevel",
+                                 "INFO", "--schedule", str(tmp_path / f"{name}.schedule")],
+                                env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+        return proc, log
+
+    with private_redis(tmp_path / "broker") as broker:
+        first, first_log = beat("first")
+        second, second_log = beat("second")
+        try:
+            wait_until(lambda: sends in first_log.read_text() or sends in second_log.read_text(), 60,
+                       "no beat scheduled anything")
+            holder, holder_log, waiter, waiter_log = (
+                (first, first_log, second, second_log) if sends in first_log.read_text()
+                else (second, second_log, first, first_log))
+            wait_until(lambda: "waiting to take over" in waiter_log.read_text(), 30, "the second beat did not wait")
+            time.sleep(3)
+            assert sends not in waiter_log.read_text()
+            holder.send_signal(signal.SIGTERM)
+            assert holder.wait(60) == 0
+            wait_until(lambda: sends in waiter_log.read_text(), 60, "the waiting beat did not take over")
+        finally:
+            for proc in (first, second):
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(60)

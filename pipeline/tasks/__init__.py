@@ -11,7 +11,14 @@ from __future__ import annotations
 import logging
 import os
 
-from celery.signals import setup_logging, task_retry, worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import (
+    beat_init,
+    setup_logging,
+    task_retry,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+)
 
 from pipeline import logs, metrics
 
@@ -75,3 +82,14 @@ def read_status(rt: Runtime, with_queues: bool = True):  # -> pipeline.status.St
 
     with rt.store(migrate_sqlite=False).sessions() as session:
         return collect(rt.config, session, rt.redis(), with_queues=with_queues)
+
+
+@beat_init.connect
+def _one_beat_per_fleet(**_: object) -> None:
+    """A bare `celery -A worker beat` waits for the fleet's scheduler lock before its first tick."""
+    from pipeline.scheduler_lock import HELD_BY_PARENT_ENV, hold_for_this_beat
+
+    if os.environ.get(HELD_BY_PARENT_ENV) == "1":
+        return  # `pipeline run` holds the lock for the beat it started
+    rt = runtime()
+    hold_for_this_beat(rt.redis(), rt.config)
