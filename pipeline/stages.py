@@ -21,6 +21,7 @@ from pipeline.dedup.loop_guard import LoopGuard
 from pipeline.parsers.mime import Unparseable, mail_identity, parse_mail
 from pipeline.parsers.subject import normalise_subject
 from pipeline.registry import build_parser_stages
+from pipeline.store.locks import lock_conversation
 from pipeline.store.lookups import EntityInfo, Lookups
 from pipeline.lifecycle import effective_status, settings_for
 from pipeline.store.write import apply_changes, write_mail
@@ -272,6 +273,8 @@ class DuplicateTicketRule:
             return
         s = ctx.sender
         key = normalise_subject(ctx.parsed.subject)
+        if not ctx.dry_run:
+            lock_conversation(env.session, key)  # a concurrent first mail commits its ticket first
         account = None if s.account_is_default else s.account_id
         ticket = env.lookups.open_ticket_like(key, s.contact_id, account)
         if ticket is None:
