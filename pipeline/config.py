@@ -126,7 +126,9 @@ class TrustPolicy(_Model):
     # authserv-ids whose Authentication-Results are believed (D8).
     authserv_ids: list[str] = []
     # Hosts (besides the authserv-ids) whose Received: lines are inside the trust, e.g.
-    # an internal relay between the receiving MX and mailloop.
+    # an internal relay between the receiving MX and mailloop. A hop between two of
+    # them (or via localhost) is inside; a Received: line recording mail *from* any
+    # other host is where the mail entered, and nothing below it is believed.
     trusted_hosts: list[str] = []
     require: Literal["dmarc", "dkim_aligned", "dmarc_or_dkim_aligned"] = "dmarc"
     # Forwarders whose verdict is believed for mail they forwarded to us, by the

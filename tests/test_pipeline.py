@@ -371,3 +371,317 @@ def test_a_dry_run_shows_every_decision_and_writes_nothing(processor: MailProces
     after = {m.__name__: count(store, m) for m in (JournalEntry, Ticket, Contact, Account, Notification)}
     assert after == before
     assert list(redis_client.scan_iter(match=processor.loop_guard.key_prefix + "*")) == []
+
+
+# -- commands by mail (D4) and the trust they need (D8) ----------------------------------------------
+
+def open_ticket(processor: MailProcessor) -> str:
+    return processor.ingest("support", fixture_bytes("new_ticket_plain.eml"), received_at=T0).entity["number"]
+
+
+def command_mail(name: str, number: str) -> bytes:
+    return fixture_bytes(f"commands/{name}").replace(b"T20261123.0001", number.encode())
+
+
+def tom(body: str, subject: str, *, authenticated: bool = True) -> bytes:
+    top = [TRUSTED_PASS] if authenticated else []
+    return make_mail(from_="Tom Tech <tom@msp.example>", subject=subject, body=body, top_headers=top)
+
+
+TRUSTED_PASS = ("Authentication-Results: mx.msp.example; dkim=pass header.d=msp.example header.s=sel1; "
+                "spf=pass smtp.mailfrom=msp.example; dmarc=pass header.from=msp.example")
+
+
+def time_entries(store, number: str) -> list[dict]:
+    return ticket(store, number)["time_entries"]
+
+
+def failed_notices(store, journal_id: int) -> list[Notification]:
+    with store.sessions() as s:
+        rows = s.scalars(select(Notification).where(Notification.event == "command_failed",
+                                                    Notification.journal_id == journal_id)).all()
+        for n in rows:
+            n.recipients  # load before the session ends
+        return rows
+
+
+def test_authenticated_time_and_status_commands_apply(processor: MailProcessor, store) -> None:
+    number = open_ticket(processor)
+
+    result = processor.ingest("support", command_mail("tech_phone_time_status.eml", number),
+                              received_at=T0 + timedelta(hours=4))
+
+    assert result.outcome == "note_added"
+    t = ticket(store, number)
+    assert t["status"] == "Waiting Customer"
+    assert t["assigned_resource"] == {"name": "Tom Tech", "email": "tom@msp.example"}
+    note = t["notes"][-1]
+    assert note["internal"] is False
+    # The command lines are gone from the note; iPhone's signature and the quote too.
+    assert note["body"].startswith("Cleared the cached credentials")
+    assert "#time" not in note["body"] and "#status" not in note["body"] and "Sent from" not in note["body"]
+    assert t["time_entries"] == [{"resource": "tom@msp.example", "hours": 1.5, "role": "Engineer",
+                                  "billable": True, "summary": note["body"]}]
+    # The first update moves New → In Progress before the commands; #status has the last word.
+    assert [(e["what"], e["from"], e["to"]) for e in t["timeline"][1:]] == [
+        ("note added", None, None),
+        ("assigned", None, "tom@msp.example"),
+        ("first update by a resource", "New", "In Progress"),
+        ("time entry", None, "1.5 h Engineer"),
+        ("status changed", "In Progress", "Waiting Customer"),
+    ]
+    assert all(e["who"] == "tom@msp.example" for e in t["timeline"][1:])
+    assert failed_notices(store, result.journal_id) == []
+    steps = {s.stage: s for s in result.trace}
+    assert steps["commands"].decision == "apply"
+
+
+def test_the_same_mail_without_authentication_results_changes_nothing(processor: MailProcessor, store) -> None:
+    number = open_ticket(processor)
+    raw = command_mail("tech_phone_time_status.eml", number)
+    unauthenticated = raw.split(b"\n", 1)[1]  # the receiving MX's Authentication-Results line removed
+    assert b"Authentication-Results" not in unauthenticated
+
+    result = processor.ingest("support", unauthenticated, received_at=T0 + timedelta(hours=4))
+
+    assert result.outcome == "note_added"
+    t = ticket(store, number)
+    assert (t["status"], t["assigned_resource"], t["time_entries"]) == ("New", None, [])
+    note = t["notes"][-1]
+    assert note["internal"] is True
+    assert ("[Commands not applied: the mail did not pass the trust policy: no Authentication-Results from a "
+            "trusted host (mx.msp.example)]\n#time 1h30m\n#status Waiting Customer") in note["body"]
+    assert [e["what"] for e in t["timeline"]] == ["created", "note added"]
+    with store.sessions() as s:  # an unverified sender is never answered
+        assert s.scalar(select(func.count()).select_from(Notification)
+                        .where(Notification.journal_id == result.journal_id)) == 0
+
+
+def test_forged_authentication_results_change_nothing(processor: MailProcessor, store) -> None:
+    number = open_ticket(processor)
+    result = processor.ingest("support", command_mail("tech_forged_time_status.eml", number),
+                              received_at=T0 + timedelta(hours=4))
+    t = ticket(store, number)
+    assert (t["status"], t["time_entries"]) == ("New", [])
+    assert t["notes"][-1]["internal"] is True and "Commands not applied" in t["notes"][-1]["body"]
+    steps = {s.stage: s for s in result.trace}
+    assert "dmarc=fail" in steps["authenticate"].why
+    assert steps["commands"].decision == "not applied"
+
+
+def test_a_forged_pass_right_below_our_entry_line_is_ignored(processor: MailProcessor, store) -> None:
+    # Our MX wrote no verdict; the "pass" below its Received line came in with the mail.
+    number = open_ticket(processor)
+    raw = command_mail("tech_forged_time_status.eml", number).split(b"\n", 1)[1]
+    assert raw.startswith(b"Received: from mail.cheap-hosting.example")
+    result = processor.ingest("support", raw, received_at=T0 + timedelta(hours=4))
+    assert ticket(store, number)["time_entries"] == []
+    assert {s.stage: s for s in result.trace}["authenticate"].decision == "not passed"
+
+
+def test_contacts_time_command_adds_nothing(processor: MailProcessor, store) -> None:
+    number = open_ticket(processor)
+    result = processor.ingest("support", command_mail("contact_time_command.eml", number),
+                              received_at=T0 + timedelta(hours=5))
+    assert result.outcome == "note_added"
+    t = ticket(store, number)
+    assert (t["status"], t["time_entries"]) == ("New", [])
+    note = t["notes"][-1]
+    assert note["internal"] is False and note["author"]["email"] == "jane@acme.example"
+    assert note["body"].startswith("I saw how you write these")
+    assert note["body"].endswith("[Commands not applied: only a resource may give commands; the sender is a "
+                                 "contact]\n#time 5h\n#status Resolved")
+    assert failed_notices(store, result.journal_id) == []
+
+
+def test_autotask_indicators_give_entry_role_and_status(processor: MailProcessor, store) -> None:
+    number = open_ticket(processor)
+    processor.ingest("support", command_mail("tech_autotask_indicators.eml", number),
+                     received_at=T0 + timedelta(hours=6))
+    t = ticket(store, number)
+    assert t["status"] == "Waiting Customer"
+    assert t["time_entries"] == [{"resource": "tom@msp.example", "hours": 0.25, "role": "Senior Engineer",
+                                  "billable": True, "summary": t["notes"][-1]["body"]}]
+    assert t["notes"][-1]["body"].startswith("Called Jane, walked her through")
+
+
+def test_a_bad_command_changes_nothing_and_the_sender_is_told_which_line(processor: MailProcessor, store) -> None:
+    number = open_ticket(processor)
+    result = processor.ingest("support", command_mail("tech_bad_commands.eml", number),
+                              received_at=T0 + timedelta(hours=7))
+
+    assert result.outcome == "note_added"
+    t = ticket(store, number)
+    assert t["time_entries"] == []
+    assert t["status"] == "In Progress"  # the first update only; the bad #status changed nothing
+    assert t["priority"] == "High"  # the good line still applies
+    assert t["notes"][-1]["body"] == "Remote session booked for tomorrow morning."
+    [notice] = failed_notices(store, result.journal_id)
+    assert [r.email for r in notice.recipients] == ["tom@msp.example"]
+    assert notice.subject == f"[Ticket#{number}] Command failed: Outlook keeps asking for my password"
+    assert notice.in_reply_to == "<6B1E0F3A-2D4C-4E5F-9A8B-7C6D5E4F3A2B@msp.example>"
+    body = notice.body_text
+    assert "line 1: #time 1h3Om" in body and "'1h3Om' is not a duration" in body
+    assert "line 2: #status Waiting for Godot" in body and "unknown status 'Waiting for Godot'" in body
+    assert "#priority" not in body.split("Commands (at the top")[0]
+    assert [s.decision for s in result.trace if s.stage == "apply" and s.decision.startswith("failed")] == [
+        "failed: line 1", "failed: line 2"]
+
+
+@pytest.mark.parametrize("body, why", [
+    ("#time 1h role=Wizard\nDone.\n", "no role 'Wizard' for tom@msp.example (roles: Engineer, Senior Engineer)"),
+    ("#role Wizard\n#time 1h\nDone.\n", "no role 'Wizard' for tom@msp.example"),
+    ("#role Senior Engineer\nDone.\n", "logs no time"),
+])
+def test_an_unknown_role_is_not_guessed(processor: MailProcessor, store, body: str, why: str) -> None:
+    number = open_ticket(processor)
+    result = processor.ingest("support", tom(body, f"RE: [Ticket#{number}] Outlook"), received_at=T0)
+    assert time_entries(store, number) == []
+    [notice] = failed_notices(store, result.journal_id)
+    assert why in notice.body_text
+
+
+def test_time_command_role_and_billable_forms(processor: MailProcessor, store) -> None:
+    number = open_ticket(processor)
+    body = "#role senior engineer\n#time 1:30\n#time 20m role=Engineer billable=no\n#T=2\nMigrated the profile.\n"
+    processor.ingest("support", tom(body, f"RE: [Ticket#{number}] Outlook"), received_at=T0)
+    entries = time_entries(store, number)
+    # "#T=" is only read on the first line: it fails, the others apply.
+    assert [(e["hours"], e["role"], e["billable"]) for e in entries] == [
+        (1.5, "Senior Engineer", True), (0.3333, "Engineer", False)]
+    assert all(e["summary"] == "Migrated the profile." for e in entries)
+
+
+def test_a_resources_first_update_assigns_and_moves_to_in_progress(processor: MailProcessor, store) -> None:
+    number = open_ticket(processor)
+    raw = fixture_bytes("verified_technician.eml").replace(b"T20261123.0001", number.encode())
+    processor.ingest("support", raw, received_at=T0 + timedelta(minutes=2))
+    t = ticket(store, number)
+    assert (t["status"], t["assigned_resource"]["email"]) == ("In Progress", "tom@msp.example")
+    # A second update changes nothing more.
+    processor.ingest("support", tom("Still on it.\n", f"RE: [Ticket#{number}] Outlook"), received_at=T0)
+    assert [e["what"] for e in ticket(store, number)["timeline"]].count("first update by a resource") == 1
+
+
+def test_status_in_the_first_update_has_the_last_word(processor: MailProcessor, store) -> None:
+    number = open_ticket(processor)
+    processor.ingest("support", tom("#status New\nLeaving it in the queue.\n", f"RE: [Ticket#{number}] Outlook"),
+                     received_at=T0)
+    t = ticket(store, number)
+    assert t["status"] == "New"
+    assert [(e["what"], e["from"], e["to"]) for e in t["timeline"][-2:]] == [
+        ("first update by a resource", "New", "In Progress"), ("status changed", "In Progress", "New")]
+
+
+def test_assign_unassign_and_priority_commands(processor: MailProcessor, store, config, tmp_path) -> None:
+    from pipeline.store.directory import load_directory
+
+    extra = tmp_path / "more.toml"
+    extra.write_text('[[resource]]\nemail = "amy@msp.example"\nname = "Amy Admin"\nroles = ["Engineer"]\n')
+    load_directory(store, extra, config.settings.numbering)
+    number = open_ticket(processor)
+    subject = f"RE: [Ticket#{number}] Outlook"
+
+    processor.ingest("support", tom("#assign amy@msp.example\n#priority critical\nAmy knows Exchange.\n", subject),
+                     received_at=T0)
+    t = ticket(store, number)
+    assert (t["assigned_resource"]["email"], t["priority"], t["status"]) == ("amy@msp.example", "Critical",
+                                                                              "In Progress")
+    result = processor.ingest("support", tom("#assign nobody@msp.example\n#unassign\nBack to the queue.\n", subject),
+                              received_at=T0)
+    t = ticket(store, number)
+    assert (t["assigned_resource"], t["status"]) == (None, "New")
+    [notice] = failed_notices(store, result.journal_id)
+    assert "line 1: #assign nobody@msp.example" in notice.body_text
+    assert "no resource has the address nobody@msp.example" in notice.body_text
+    whats = [(e["what"], e["from"], e["to"]) for e in t["timeline"]]
+    assert ("priority changed", "Medium", "Critical") in whats
+    assert ("assigned", "tom@msp.example", "amy@msp.example") in whats  # after the first update
+    assert ("unassigned", "amy@msp.example", None) in whats
+
+
+def test_time_entries_and_notes_on_task_and_project_numbers(processor: MailProcessor, store, config,
+                                                            tmp_path) -> None:
+    from pipeline.store.directory import load_directory
+    from pipeline.store.models import Project, Task, TimeEntry, TimelineEntry
+
+    extra = tmp_path / "project.toml"
+    extra.write_text('[[project]]\nname = "Acme office move"\naccount = "Acme Corp"\n'
+                     'tasks = ["Move printers"]\n')
+    load_directory(store, extra, config.settings.numbering)
+    with store.sessions() as s:
+        project = s.scalar(select(Project))
+        task_number, project_number = project.tasks[0].number, project.number
+
+    on_task = processor.ingest("support", tom("#time 2h\n#status Resolved\nPrinters moved and tested.\n",
+                                              f"Move printers {task_number}"), received_at=T0)
+    on_project = processor.ingest("support", tom("#T=0.5\nPlanning call with Acme.\n",
+                                                 f"Office move {project_number}"), received_at=T0)
+
+    assert on_task.entity == {"type": "task", "number": task_number}
+    assert on_project.entity == {"type": "project", "number": project_number}
+    with store.sessions() as s:
+        task_id = s.scalar(select(Task.id).where(Task.number == task_number))
+        entries = s.scalars(select(TimeEntry).order_by(TimeEntry.id)).all()
+        assert [(e.entity_type, e.hours, e.role, e.summary) for e in entries] == [
+            ("task", 2.0, "Engineer", "Printers moved and tested."),
+            ("project", 0.5, "Engineer", "Planning call with Acme.")]
+        assert entries[0].entity_id == task_id
+        timeline = s.scalars(select(TimelineEntry).where(TimelineEntry.entity_type == "task")).all()
+        assert [(e.what, e.to_value) for e in timeline] == [("note added", None), ("time entry", "2 h Engineer")]
+        notes = s.scalars(select(Note).where(Note.entity_type.in_(["task", "project"])).order_by(Note.id)).all()
+        assert [n.body for n in notes] == ["Printers moved and tested.", "Planning call with Acme."]
+    [notice] = failed_notices(store, on_task.journal_id)
+    assert f"[Task#{task_number}]" in notice.subject
+    assert "#status applies to tickets; on a task only #time and #role apply" in notice.body_text
+
+
+def test_a_resource_opening_a_ticket_by_mail_may_log_time_on_it(processor: MailProcessor, store) -> None:
+    result = processor.ingest("support", tom("#time 15m\nJane called: the printer jams again.\n", "Printer jams"),
+                              received_at=T0)
+    assert result.outcome == "ticket_created"
+    t = ticket(store, result.entity["number"])
+    assert t["description"].startswith("Jane called")
+    assert [(e["hours"], e["summary"]) for e in t["time_entries"]] == [(0.25, "Jane called: the printer jams again.")]
+
+
+def test_mail_forwarded_by_microsoft_365_counts_when_the_mailbox_trusts_its_arc(
+        make_config, store, redis_client) -> None:
+    config = make_config(extra_mailbox='arc_authserv_ids = ["mx.microsoft.com"]\n')
+    processor = MailProcessor(config, store, redis_client)
+    number = open_ticket(processor)
+    raw = command_mail("tech_forwarded_m365_arc.eml", number)
+
+    trusting = processor.ingest("billing", raw, received_at=T0 + timedelta(hours=8))
+    assert {s.stage: s for s in trusting.trace}["authenticate"].decision == "passed"
+    assert [e["hours"] for e in time_entries(store, number)] == [0.75]
+
+    # The support mailbox does not trust Microsoft's ARC: the same mail is an unverified note.
+    other = processor.ingest("support", raw.replace(b"Message-ID: <AM0", b"Message-ID: <X-AM0"),
+                             received_at=T0 + timedelta(hours=8))
+    steps = {s.stage: s for s in other.trace}
+    assert steps["authenticate"].decision == "not passed"
+    assert [e["hours"] for e in time_entries(store, number)] == [0.75]
+
+
+def test_tickets_show_json_has_time_entries_and_timeline_in_d6_shape(processor: MailProcessor, store,
+                                                                     config) -> None:
+    import json
+
+    from tests.conftest import run_cli
+
+    number = open_ticket(processor)
+    processor.ingest("support", command_mail("tech_phone_time_status.eml", number),
+                     received_at=T0 + timedelta(hours=4))
+    proc = run_cli("--config", str(config.path), "tickets", "show", number, "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    data = json.loads(proc.stdout)
+    assert set(data) >= {"number", "title", "description", "status", "priority", "account", "contact",
+                         "assigned_resource", "notes", "time_entries", "timeline"}
+    assert data["status"] == "Waiting Customer"
+    assert data["time_entries"] == [{"resource": "tom@msp.example", "hours": 1.5, "role": "Engineer",
+                                     "billable": True, "summary": data["notes"][-1]["body"]}]
+    assert all(set(e) == {"at", "who", "what", "from", "to"} for e in data["timeline"])
+    assert data["timeline"][-1] == {"at": data["timeline"][-1]["at"], "who": "tom@msp.example",
+                                    "what": "status changed", "from": "In Progress", "to": "Waiting Customer"}
+    assert datetime.fromisoformat(data["timeline"][-1]["at"]) == T0 + timedelta(hours=4)

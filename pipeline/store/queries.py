@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import func, select
@@ -16,7 +16,10 @@ def _person(name: str | None, email: str | None) -> dict[str, str] | None:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
+    # SQLite hands datetimes back naive; everything is stored in UTC, so say so on every database.
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()
 
 
 def list_tickets(session: Session, limit: int = 500) -> list[dict[str, Any]]:
