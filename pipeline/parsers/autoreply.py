@@ -153,7 +153,7 @@ def _recipients(part: Message) -> list[FailedRecipient]:
     if isinstance(payload, list):
         blocks = [p for p in payload if isinstance(p, Message)]
     else:  # compat32 left it as text (e.g. base64-encoded): read the field blocks ourselves
-        from email import message_from_string  # noqa: PLC0415 - only for this rare shape
+        from email import message_from_string
         text = payload if isinstance(payload, str) else ""
         raw = part.get_payload(decode=True)
         if isinstance(raw, bytes):

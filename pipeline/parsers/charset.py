@@ -16,6 +16,7 @@ from __future__ import annotations
 import binascii
 import codecs
 import re
+
 import charset_normalizer
 
 # Labels that mail clients write but Python does not know, or knows under another name.
@@ -139,7 +140,7 @@ def _guess(data: bytes) -> str | None:
         return None
     try:
         best = charset_normalizer.from_bytes(sample).best()
-    except Exception:  # a detector bug must not cost the mail
+    except Exception:  # noqa: BLE001 - a detector bug must not cost the mail
         return None
     if best is None or not best.encoding.startswith(_NON_WESTERN_PREFIXES):
         return None

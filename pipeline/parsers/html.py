@@ -147,7 +147,7 @@ def _fallback(html: str) -> str:
                      ).strip()
 
 
-def _render(root: etree._Element) -> str:  # noqa: C901 - one event loop reads best in one place
+def _render(root: etree._Element) -> str:
     w = _Writer()
     lists: list[list[int | None]] = []  # per open list: [counter] (None for bullets)
     pre = 0

@@ -21,7 +21,7 @@ import mimetypes
 import re
 import unicodedata
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email import message_from_bytes
 from email.message import Message
 from email.parser import BytesFeedParser, BytesHeaderParser
@@ -209,20 +209,39 @@ def mail_identity(mail: ParsedMail) -> str:
 def _message(raw: bytes, warnings: list[str]) -> Message:
     """The MIME tree. Fed in chunks: `message_from_bytes` would hold the mail as one str and as
     a StringIO (4 bytes a character) besides — 5x the mail's size before any part is read."""
+    noted = len(warnings)
+    bounded = _bounded(raw, warnings)
     try:
         parser = BytesFeedParser()
-        view = memoryview(raw)
-        for start in range(0, len(raw), _FEED_CHUNK):
+        view = memoryview(bounded)
+        for start in range(0, len(bounded), _FEED_CHUNK):
             parser.feed(bytes(view[start:start + _FEED_CHUNK]))
         return parser.close()
     except RecursionError:
         warnings.append("MIME structure nested too deeply: body read as text")
-    except Exception as exc:  # the stdlib parser is meant never to raise; if it does, keep what we can
+    except Exception as exc:  # noqa: BLE001 - the stdlib parser is meant never to raise; if it does, keep what we can
         warnings.append(f"MIME parser failed ({type(exc).__name__}): body read as text")
+    del warnings[noted:-1]  # the whole body is read as text after all
     msg = _HEADERS_ONLY.parsebytes(raw)
     del msg["Content-Type"]
     del msg["Content-Transfer-Encoding"]
     return msg
+
+
+_BOUNDARY_LINE = re.compile(rb"\n--")
+
+
+def _bounded(raw: bytes, warnings: list[str]) -> bytes:
+    """At most _MAX_PARTS parts are read, so no more are built: the stdlib's objects for
+    10,000 tiny parts would cost 8x the mail's size. Parts are walked in document order, so
+    cutting the mail after the boundary line that starts part _MAX_PARTS + 1 changes nothing read."""
+    if raw.count(b"\n--") <= _MAX_PARTS:
+        return raw
+    for count, m in enumerate(_BOUNDARY_LINE.finditer(raw), start=1):
+        if count > _MAX_PARTS + 1:
+            warnings.append(f"more than {_MAX_PARTS} MIME parts: the rest was not read")
+            return raw[:m.start() + 1]
+    return raw
 
 
 class _Walk:
@@ -245,11 +264,12 @@ class _Walk:
             part, in_related = stack.pop()
             seen += 1
             if seen > _MAX_PARTS:
-                self.warnings.append(f"more than {_MAX_PARTS} MIME parts: the rest was not read")
+                if not any(w.startswith(f"more than {_MAX_PARTS} MIME parts") for w in self.warnings):
+                    self.warnings.append(f"more than {_MAX_PARTS} MIME parts: the rest was not read")
                 return
             try:
                 self._part(part, in_related, stack)
-            except Exception as exc:  # one unreadable part must not cost the mail
+            except Exception as exc:  # noqa: BLE001 - one unreadable part must not cost the mail
                 self.warnings.append(f"a {part.get_content_type()} part could not be read ({type(exc).__name__})")
 
     def _part(self, part: Message, in_related: bool, stack: list[tuple[Message, bool]]) -> None:
@@ -386,7 +406,7 @@ def _message_bytes(part: Message) -> bytes:
                 return payload[0].as_bytes()
             return b"\n".join(p.as_bytes() for p in payload if isinstance(p, Message))
         return _payload(part)
-    except Exception:  # a mangled inner mail is kept as the bytes we can get
+    except Exception:  # noqa: BLE001 - a mangled inner mail is kept as the bytes we can get
         return str(payload).encode("utf-8", "surrogateescape")
 
 
@@ -468,7 +488,7 @@ def _addresses(raw_headers: list[tuple[str, str]], header: str) -> list[str]:
     values = [decode_header_value(v) for k, v in raw_headers if k.lower() == header]
     try:
         pairs = getaddresses(values)
-    except Exception:
+    except Exception:  # noqa: BLE001
         return []
     return [_clean(a.lower()) for _, a in pairs if "@" in a and len(a) <= 254]
 
@@ -490,11 +510,11 @@ def _date(value: object) -> datetime | None:
         return None
     try:
         parsed = parsedate_to_datetime(decode_header_value(value))
-    except Exception:  # parsedate raises TypeError, ValueError, IndexError, OverflowError on odd dates
+    except Exception:  # noqa: BLE001 - parsedate raises TypeError, ValueError, IndexError, OverflowError on odd dates
         return None
     if parsed is None:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _cap(value: str | None, length: int = 255) -> str | None:
@@ -509,7 +529,7 @@ def _clean(text: str) -> str:
 def _guarded(warnings: list[str], what: str, compute: Any, fallback: Any) -> Any:
     try:
         return compute()
-    except Exception as exc:  # a helper's bug on odd input costs its own field, not the mail
+    except Exception as exc:  # noqa: BLE001 - a helper's bug on odd input costs its own field, not the mail
         warnings.append(f"{what} failed ({type(exc).__name__}): {str(exc)[:200]}")
         return fallback
 

@@ -41,5 +41,5 @@ def sanitize_html(html: str | None) -> str | None:
         return nh3.clean(_CONTROL.sub("", html), tags=_TAGS, clean_content_tags=_DROP_WITH_CONTENT,
                          attributes=_ATTRIBUTES, attribute_filter=_attribute_filter, url_schemes=_SCHEMES,
                          link_rel="noopener noreferrer nofollow", strip_comments=True)
-    except Exception:  # nh3 refuses some input (e.g. lone surrogates): keep nothing rather than risk it
+    except Exception:  # noqa: BLE001 - nh3 refuses some input (e.g. lone surrogates): keep nothing rather than risk it
         return ""

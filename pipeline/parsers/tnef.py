@@ -35,13 +35,13 @@ def unpack(data: bytes) -> TnefContent | None:
     """The files and body inside a TNEF blob, or None when it cannot be read."""
     try:
         tnef = TNEF(data, do_checksum=False)
-    except Exception:  # tnefparse raises whatever struct/decoding error a broken blob provokes
+    except Exception:  # noqa: BLE001 - tnefparse raises whatever struct/decoding error a broken blob provokes
         return None
     content = TnefContent()
     for attachment in tnef.attachments:
         try:
             name = attachment.long_filename()
-        except Exception:  # tnefparse decodes 8-bit names as UTF-8; Outlook writes them in the code page
+        except Exception:  # noqa: BLE001 - tnefparse decodes 8-bit names as UTF-8; Outlook writes them in the code page
             name = getattr(attachment, "_name", None)
         if isinstance(name, bytes):
             name = decode_bytes(name.rstrip(b"\x00"))
