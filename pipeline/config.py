@@ -126,9 +126,7 @@ class TrustPolicy(_Model):
     # authserv-ids whose Authentication-Results are believed (D8).
     authserv_ids: list[str] = []
     # Hosts (besides the authserv-ids) whose Received: lines are inside the trust, e.g.
-    # an internal relay between the receiving MX and mailloop. A hop between two of
-    # them (or via localhost) is inside; a Received: line recording mail *from* any
-    # other host is where the mail entered, and nothing below it is believed.
+    # an internal relay between the receiving MX and mailloop.
     trusted_hosts: list[str] = []
     require: Literal["dmarc", "dkim_aligned", "dmarc_or_dkim_aligned"] = "dmarc"
     # Forwarders whose verdict is believed for mail they forwarded to us, by the
@@ -147,6 +145,8 @@ class NotificationSettings(_Model):
     sender_rejected: bool = True
     # Tell a resource which command line of their mail failed and why (D4).
     command_failed: bool = True
+    # Tell the ticket's contact it was resolved, and how to accept or reject it (D2).
+    ticket_resolved: bool = True
 
 
 class MailboxConfig(_Model):

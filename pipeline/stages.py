@@ -18,12 +18,12 @@ from pipeline.attribute import decide_sender
 from pipeline.commands import command_authority, parse_commands, parse_customer_answer
 from pipeline.context import MailContext, StopMail, Target
 from pipeline.dedup.loop_guard import LoopGuard
+from pipeline.lifecycle import effective_status, settings_for
 from pipeline.parsers.mime import Unparseable, mail_identity, parse_mail
 from pipeline.parsers.subject import normalise_subject
 from pipeline.registry import build_parser_stages
 from pipeline.store.locks import lock_conversation
 from pipeline.store.lookups import EntityInfo, Lookups
-from pipeline.lifecycle import effective_status, settings_for
 from pipeline.store.write import apply_changes, write_mail
 from pipeline.trust import evaluate
 

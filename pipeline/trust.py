@@ -2,9 +2,10 @@
 
 Only a header that a trusted host added itself counts: walking the headers from the
 top, an `Authentication-Results` whose authserv-id is trusted and that sits above the
-first `Received:` line written by a host outside the trust — or written by our host
-as the mail came in from outside. A header further down came in with the mail and
-could have been written by anyone.
+first `Received:` line written by a host outside the trust. A header further down came
+in with the mail and could have been written by anyone. (Our receiving server must add
+its own verdict to every mail: then it is the topmost, and a forged one below it is
+never reached.)
 """
 
 from __future__ import annotations
@@ -71,30 +72,19 @@ def trusted_authentication_results(headers: list[tuple[str, str]], trusted_ids: 
     return None
 
 
-_LOOPBACK = {"localhost", "127.0.0.1", "::1", "[127.0.0.1]", "[::1]", "[ipv6:::1]"}
-
-
 def _received_inside(value: str, trusted: set[str]) -> bool:
-    """Was this hop from one of our hosts to another (content filters on localhost included)?
+    """Was this Received: line written by one of our hosts?
 
-    A line written by an outside host is outside. So is the line our MX wrote when the
-    mail came *from* an outside host: it records the mail entering, and an
-    Authentication-Results below it was already in the mail when it arrived — a forgery
-    if it names our authserv-id (our own hosts put theirs above that line).
+    Only who wrote it counts, not where the mail came from: Postfix hides its own Received:
+    line from milters, so the Authentication-Results they add sits just *below* the line
+    that records the mail coming in from outside — and must still be believed (D8).
     """
     try:
-        parts = parse_received(value)
+        by = parse_received(value).get("by", "")
     except Exception:  # an unparseable Received: line is not one of ours
         return False
-    by = parts.get("by", "").split()
-    if not by or by[0].lower().rstrip(";") not in trusted:
-        return False
-    source = parts.get("from", "").split()
-    if not source:
-        return True  # a local pickup: no hop from outside
-    name = source[0].lower()
-    address = re.search(r"\[([0-9a-fA-F:.]+)\]", parts.get("from", ""))
-    return name in trusted or name in _LOOPBACK or bool(address and address.group(1) in ("127.0.0.1", "::1"))
+    host = by.split()[0].lower().rstrip(";") if by.split() else ""
+    return host in trusted
 
 
 def evaluate(headers: list[tuple[str, str]], from_address: str, policy: TrustPolicy) -> TrustVerdict:

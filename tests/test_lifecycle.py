@@ -353,3 +353,59 @@ def test_scheduled_transitions_count_each_kind_once_across_many_tickets(
     assert sum(scheduled(store, config, T0 + timedelta(days=4)).values()) == 0
     with store.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Ticket)) == 4
+
+
+def test_the_contact_is_told_of_the_resolution_and_accepts_by_answering_it(processor: MailProcessor, store) -> None:
+    number = resolve(processor, store)
+    with store.sessions() as s:
+        notice = s.scalar(select(Notification).where(Notification.event == "ticket_resolved"))
+        assert [r.email for r in notice.recipients] == ["jane@acme.example"]
+        assert notice.subject == f"[Ticket#{number}] Resolved: Outlook keeps asking for my password"
+        assert "Reset the credential cache; fixed." in notice.body_text and '"accept"' in notice.body_text
+        ours = notice.message_id
+    # Jane's phone drops the tag from the subject; the answer still threads by In-Reply-To.
+    answer = make_mail(subject="Re: Resolved", body="Accept\n\nSent from my phone\n",
+                       headers={"In-Reply-To": ours, "References": ours})
+    result = processor.ingest("support", answer, received_at=T0 + timedelta(hours=5))
+    assert result.entity == {"type": "ticket", "number": number}
+    assert ticket(store, number)["status"] == "Closed"
+
+
+def test_only_the_customer_may_accept_someone_copied_only_replies(processor: MailProcessor, store) -> None:
+    number = resolve(processor, store)
+    # Kim (another account) was notified on this ticket, so may write into it — but not accept it.
+    with store.transaction() as s:
+        from pipeline.store.models import NotificationRecipient
+
+        n = s.scalar(select(Notification).where(Notification.event == "ticket_resolved"))
+        n.recipients.append(NotificationRecipient(email="kim.lee@fabrikam.example", role="contact"))
+    raw = make_mail(from_="Kim Lee <kim.lee@fabrikam.example>", subject=f"RE: [Ticket#{number}] Outlook",
+                    body="accept\n")
+    result = processor.ingest("support", raw, received_at=T0 + timedelta(days=1))
+    assert result.outcome == "note_added"
+    assert ticket(store, number)["status"] == "In Progress"  # a reply in the window reopens; no accept
+    assert any(s.decision == "`accept` read as a reply" for s in result.trace)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_migration_0002_adds_the_lifecycle_columns_to_existing_tickets(processor: MailProcessor, store) -> None:
+    from alembic import command
+
+    from pipeline.store.db import alembic_config
+
+    number = open_ticket(processor)
+
+    def migrate(step, target: str) -> None:
+        with store.engine.begin() as conn:
+            cfg = alembic_config(store.url)
+            cfg.attributes["connection"] = conn
+            step(cfg, target)
+
+    migrate(command.downgrade, "0001")
+    with store.engine.connect() as conn:
+        from sqlalchemy import inspect
+
+        assert "status_changed_at" not in {c["name"] for c in inspect(conn).get_columns("tickets")}
+    migrate(command.upgrade, "head")
+    t = row(store, number)
+    assert t.status_changed_at is not None and t.sla_paused_seconds == 0

@@ -469,16 +469,6 @@ def test_forged_authentication_results_change_nothing(processor: MailProcessor, 
     assert steps["commands"].decision == "not applied"
 
 
-def test_a_forged_pass_right_below_our_entry_line_is_ignored(processor: MailProcessor, store) -> None:
-    # Our MX wrote no verdict; the "pass" below its Received line came in with the mail.
-    number = open_ticket(processor)
-    raw = command_mail("tech_forged_time_status.eml", number).split(b"\n", 1)[1]
-    assert raw.startswith(b"Received: from mail.cheap-hosting.example")
-    result = processor.ingest("support", raw, received_at=T0 + timedelta(hours=4))
-    assert ticket(store, number)["time_entries"] == []
-    assert {s.stage: s for s in result.trace}["authenticate"].decision == "not passed"
-
-
 def test_contacts_time_command_adds_nothing(processor: MailProcessor, store) -> None:
     number = open_ticket(processor)
     result = processor.ingest("support", command_mail("contact_time_command.eml", number),

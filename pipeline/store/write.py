@@ -256,6 +256,7 @@ def apply_changes(session: Session, ctx: MailContext) -> None:
     existing = ticket if ticket is not None and not w.created else None
     if existing is not None:
         _catch_up(session, ctx, existing, now)
+    before = ticket.status if ticket is not None else None
     authenticated = ctx.sender.kind == "resource" and ctx.trust.passed
     if existing is not None and authenticated:
         _first_update(session, ctx, existing, now)
@@ -264,6 +265,8 @@ def apply_changes(session: Session, ctx: MailContext) -> None:
         failures = list(ctx.commands.failures) + _apply_commands(session, ctx, ticket, now)
         for f in failures:
             ctx.note("apply", f"failed: line {f.line}", f"{f.text}: {f.why}")
+        if ticket is not None and ticket.status == "Resolved" and before != "Resolved":
+            _resolved_notice(session, ctx, ticket)
     elif existing is not None and ctx.sender.kind != "resource":
         _customer(session, ctx, existing, now)
     if failures:
@@ -295,7 +298,15 @@ def _first_update(session: Session, ctx: MailContext, ticket: Ticket, now: datet
 
 def _customer(session: Session, ctx: MailContext, ticket: Ticket, now: datetime) -> None:
     settings = settings_for(ctx.config, ticket.source_mailbox)
-    move, why = customer_move(state_of(ticket), ctx.customer_answer, settings, now)
+    answer = ctx.customer_answer
+    s = ctx.sender
+    own = s.contact_id is not None and (s.contact_id == ticket.contact_id
+                                        or (s.account_id == ticket.account_id and not s.account_is_default))
+    if answer and not own:
+        # Someone merely copied on the ticket may reply, but accepting or closing is the customer's word.
+        ctx.note("apply", f"`{answer.word}` read as a reply", "the sender is not the ticket's contact or of its account")
+        answer = None
+    move, why = customer_move(state_of(ticket), answer, settings, now)
     if move is None:
         ctx.note("apply", "no status change", why)
         return
@@ -441,6 +452,23 @@ def _command_failed(session: Session, ctx: MailContext, failures: list[CommandFa
     d = draft("command_failed", mailbox=ctx.mailbox, recipients=[(ctx.sender.address, "sender")],
               subject=f"{tag} Command failed: {title}", body=body, mail=ctx.parsed, entity_type=w.entity_type,
               entity_id=w.entity_id, number=w.number, journal_id=ctx.journal_id)
+    if d is not None:
+        store_draft(session, d, ctx)
+
+
+def _resolved_notice(session: Session, ctx: MailContext, ticket: Ticket) -> None:
+    """Tell the contact: the resolution, and how to accept or reject it in the feedback window (D2)."""
+    contact = ticket.contact
+    if ctx.no_answer or not ctx.mailbox.notifications.ticket_resolved or contact is None or not contact.notifications:
+        return
+    settings = settings_for(ctx.config, ticket.source_mailbox)
+    body = render("ticket_resolved", recipient_name=contact.name, number=ticket.number, title=ticket.title,
+                  resolver=ctx.sender.name or ctx.sender.address, note=ctx.written.text,
+                  days=settings.feedback_window_days, mailbox=_mailbox_view(ctx))
+    tag = ticket_tag(ctx.config.settings.numbering, ticket.number)
+    d = draft("ticket_resolved", mailbox=ctx.mailbox, recipients=[(contact.email, "contact")],
+              subject=f"{tag} Resolved: {ticket.title}", body=body, mail=ctx.parsed, entity_type="ticket",
+              entity_id=ticket.id, number=ticket.number, journal_id=ctx.journal_id)
     if d is not None:
         store_draft(session, d, ctx)
 
