@@ -294,6 +294,8 @@ class _Walk:
         filename = dparams.get("filename") or cparams.get("name")
         if ctype in ("text/plain", "text/html") and disposition != "attachment" and not filename:
             text = _clean(decode_bytes(_payload(part), cparams.get("charset")))
+            if ctype == "text/plain" and cparams.get("format", "").strip().lower() == "flowed":
+                text = unflow(text, delsp=cparams.get("delsp", "").strip().lower() == "yes")
             (self.plain if ctype == "text/plain" else self.html).append(text)
             return
         if len(self.attachments) >= _MAX_ATTACHMENTS:
@@ -423,8 +425,48 @@ def _choose_body(walk: _Walk, warnings: list[str]) -> tuple[str, str | None]:
         text = _guarded(warnings, "HTML to text", lambda: html_to_text(html), _TAG.sub(" ", html))
     else:
         text = plain
-    text = text.replace("\r\n", "\n").replace("\r", "\n").strip("\n")
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "")
+    text = _BLANK_LINE.sub("", text).strip("\n")  # "=20" spacer lines (Outlook for Mac) are blank lines
     return _clean(text), html
+
+
+_BLANK_LINE = re.compile(r"^[ \t\xa0]+$", re.MULTILINE)
+_QUOTE_MARKS = re.compile(r"^>+")
+
+
+def unflow(text: str, delsp: bool = False) -> str:
+    """RFC 3676 format=flowed as a reader sees it: a line ending in a space goes on with the next
+    line of the same quote depth; space-stuffing is undone; "-- " stays the signature separator;
+    quoted lines come out as "> " (one mark per level) before the joined text."""
+    out: list[str] = []
+    depth_open: int | None = None  # quote depth of the paragraph being joined, None when none is open
+    pieces: list[str] = []
+
+    def flush() -> None:
+        nonlocal depth_open
+        if depth_open is not None:
+            joined = "".join(pieces)
+            out.append((">" * depth_open + (" " + joined if joined else "")) if depth_open else joined)
+        depth_open = None
+        pieces.clear()
+
+    for line in text.replace("\r\n", "\n").split("\n"):
+        marks = _QUOTE_MARKS.match(line)
+        depth = len(marks.group(0)) if marks else 0
+        content = line[depth:]
+        if content.startswith(" "):
+            content = content[1:]  # space-stuffing (and the space after quote marks)
+        soft = content.endswith(" ") and content != "-- "
+        if depth_open is not None and depth_open != depth:
+            flush()
+        if soft and delsp:
+            content = content[:-1]
+        depth_open = depth
+        pieces.append(content)
+        if not soft:
+            flush()
+    flush()
+    return "\n".join(out)
 
 
 def _faithful(plain: str, html: str | None) -> bool:

@@ -116,6 +116,7 @@ _BANNER = re.compile(
     re.IGNORECASE,
 )
 _QUOTE = re.compile(r"^\s*>")
+_BLANK_RUN = re.compile(r"\n(?:[ \t]*\n){2,}")  # a note has at most one empty line between paragraphs
 
 
 def new_text(body: str) -> str:
@@ -126,7 +127,7 @@ def new_text(body: str) -> str:
     lines = _without_banner(lines)
     lines = _without_disclaimer(lines)
     lines = _without_signature(lines)
-    text = "\n".join(lines).strip("\n").rstrip()
+    text = _BLANK_RUN.sub("\n\n", "\n".join(lines)).strip("\n").rstrip()
     # A reply that is only a quote (or empty) keeps its whole body rather than nothing.
     return text if text.strip() else body.strip()
 
