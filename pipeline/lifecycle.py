@@ -117,15 +117,19 @@ def first_update(state: TicketState) -> Move | None:
 
 
 def resource_move(state: TicketState, to: str, *, resolution: str | None = None,
-                  until: datetime | None = None, now: datetime | None = None) -> Move | str:
-    """`#status`, `#resolve`, `#wait until` as a Move, or why it cannot be made."""
+                  until: datetime | None = None, now: datetime | None = None) -> Move | str | None:
+    """`#status`, `#resolve`, `#wait until` as a Move, why it cannot be made, or None when it already holds.
+
+    Asking for the status a ticket already has is no mistake (a first update just made it
+    In Progress, say): nothing to do, and nothing to tell the sender.
+    """
     if to == "Waiting Until":
         if until is None:
             return "Waiting Until needs a date"
         if now is not None and until <= now:
             return f"{until:%Y-%m-%d %H:%M %Z} has already passed"
     if to == state.status and to not in ("Resolved", "Waiting Until"):
-        return f"the ticket is already {to}"
+        return None
     if to != state.status:
         why = refusal("resource", state.status, to)
         if why:

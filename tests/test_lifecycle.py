@@ -63,7 +63,7 @@ def test_resource_moves() -> None:
     resolved = resource_move(state, "Resolved")
     assert (resolved.to, resolved.resolution) == ("Resolved", "responded to customer")
     assert resource_move(state, "Resolved", resolution="rejected as spam").what == "resolved (rejected as spam)"
-    assert resource_move(state, "In Progress") == "the ticket is already In Progress"
+    assert resource_move(state, "In Progress") is None  # already so: nothing to do, no mistake
     later = T0 + timedelta(days=7)
     assert resource_move(state, "Waiting Until", until=later, now=T0).until == later
     assert "already passed" in resource_move(state, "Waiting Until", until=T0 - timedelta(hours=1), now=T0)

@@ -513,7 +513,7 @@ def test_a_bad_command_changes_nothing_and_the_sender_is_told_which_line(process
     body = notice.body_text
     assert "line 1: #time 1h3Om" in body and "'1h3Om' is not a duration" in body
     assert "line 2: #status Waiting for Godot" in body and "unknown status 'Waiting for Godot'" in body
-    assert "#priority" not in body.split("Commands (at the top")[0]
+    assert "These were applied: #priority High." in body
     assert [s.decision for s in result.trace if s.stage == "apply" and s.decision.startswith("failed")] == [
         "failed: line 1", "failed: line 2"]
 
@@ -675,3 +675,31 @@ def test_tickets_show_json_has_time_entries_and_timeline_in_d6_shape(processor: 
     assert data["timeline"][-1] == {"at": data["timeline"][-1]["at"], "who": "tom@msp.example",
                                     "what": "status changed", "from": "In Progress", "to": "Waiting Customer"}
     assert datetime.fromisoformat(data["timeline"][-1]["at"]) == T0 + timedelta(hours=4)
+
+
+def test_an_unknown_senders_commands_never_apply(processor: MailProcessor, store) -> None:
+    raw = make_mail(from_="Carla New <carla.new@acme.example>", subject="Scanner offline",
+                    body="#time 1h\n#priority Critical\nThe scanner on floor 2 is offline.\n",
+                    top_headers=["Authentication-Results: mx.msp.example; dmarc=pass header.from=acme.example"])
+    result = processor.ingest("support", raw, received_at=T0)
+    t = ticket(store, result.entity["number"])
+    assert (t["priority"], t["time_entries"]) == ("Medium", [])
+    assert t["description"].startswith("The scanner on floor 2 is offline.")
+    assert "[Commands not applied: only a resource may give commands; the sender is a new contact]" in t["description"]
+
+
+@pytest.mark.parametrize("body, status, method", [
+    ("#resolve rejected as spam\nNot ours.\n", "Resolved", "rejected as spam"),
+    ("#status Resolved\nFixed remotely.\n", "Resolved", "responded to customer"),
+    ("#S=Closed\nDuplicate of another ticket.\n", "Closed", None),
+    ("#status in progress\nOn it.\n", "In Progress", None),
+])
+def test_status_and_resolve_commands_set_the_status_and_resolution(processor: MailProcessor, store, body: str,
+                                                                    status: str, method: str | None) -> None:
+    number = open_ticket(processor)
+    result = processor.ingest("support", tom(body, f"RE: [Ticket#{number}] Outlook"), received_at=T0)
+    with store.sessions() as s:
+        row = s.scalar(select(Ticket).where(Ticket.number == number))
+        assert (row.status, row.resolution_method) == (status, method)
+    # "#status In Progress" right after the first update already holds: no mistake to report.
+    assert failed_notices(store, result.journal_id) == []

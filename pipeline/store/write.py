@@ -181,7 +181,8 @@ def _timeline(session: Session, ctx: MailContext, entity_type: str, entity_id: i
               from_value: str | None, to_value: str | None, at: datetime | None = None) -> None:
     session.add(TimelineEntry(entity_type=entity_type, entity_id=entity_id, who=who, what=what,
                               from_value=from_value, to_value=to_value, journal_id=ctx.journal_id,
-                              **({"at": at} if at else {})))
+                              # The mail's time, as for the lifecycle's entries: one clock per mail.
+                              at=at or ctx.received_at))
 
 
 def _notifications(session: Session, ctx: MailContext, entity_type: str, entity_id: int, number: str,
@@ -316,44 +317,21 @@ def _customer(session: Session, ctx: MailContext, ticket: Ticket, now: datetime)
 
 def _apply_commands(session: Session, ctx: MailContext, ticket: Ticket | None, now: datetime) -> list[CommandFailure]:
     """Apply a resource's parsed commands in line order; returns the ones that failed, and why."""
-    w = ctx.written
-    who = ctx.sender.address
-    resource = session.get(Resource, ctx.sender.resource_id)
     commands = ctx.commands.commands
-    failures: list[CommandFailure] = []
-    role_cmds = [c for c in commands if c.name == "role"]
-    times = [c for c in commands if c.name == "time"]
-    roles = _RoleCheck(session, resource)
-    mail_role: str | None = resource.default_role
-    role_failed: CommandFailure | None = None
-    for c in role_cmds:  # the last #role (or #R=) names the role of this mail's time entries
-        role, why = roles.canonical(c.value)
-        if role is None:
-            role_failed = CommandFailure(c.line, c.text, why)
-            failures.append(role_failed)
-        else:
-            mail_role, role_failed = role, None
-    if role_cmds and not times:
-        last = role_cmds[-1]
-        failures.append(CommandFailure(last.line, last.text, "a role is for this mail's time entry, and it logs no "
-                                       "time (add #time <duration>)"))
+    roles = _RoleCheck(session, session.get(Resource, ctx.sender.resource_id))
+    mail_role, role_failed, failures = _mail_role(commands, roles)
     settings = settings_for(ctx.config, ticket.source_mailbox) if ticket else None
     for c in commands:
         if c.name == "role":
-            continue
+            continue  # read above: it only says which role this mail's time entries take
         if c.name == "time":
             why = _time_entry(session, ctx, c, roles, mail_role, role_failed, now)
         elif ticket is None:
-            why = f"{_SPELLING[c.name]} applies to tickets; on a {w.entity_type} only #time and #role apply"
+            why = f"{_SPELLING[c.name]} applies to tickets; on a {ctx.written.entity_type} only #time and #role apply"
         elif c.name in ("status", "resolve", "wait_until"):
             why = _status(session, ctx, ticket, c, settings, now)
         elif c.name == "assign":
-            target = session.scalar(select(Resource).where(Resource.email == c.value))
-            if target is None:
-                why = f"no resource has the address {c.value}"
-            else:
-                why = None if assign(session, ticket, target, who=who, now=now, journal_id=ctx.journal_id) \
-                    else f"the ticket is already assigned to {c.value}"
+            why = _assign(session, ctx, ticket, c.value, now)
         elif c.name == "unassign":
             why = _unassign(session, ctx, ticket, settings, now)
         else:  # priority
@@ -363,6 +341,38 @@ def _apply_commands(session: Session, ctx: MailContext, ticket: Ticket | None, n
         else:
             failures.append(CommandFailure(c.line, c.text, why))
     return sorted(failures, key=lambda f: f.line)
+
+
+def _mail_role(commands: list[Command], roles: "_RoleCheck") -> tuple[str | None, CommandFailure | None,
+                                                                       list[CommandFailure]]:
+    """The role of this mail's time entries: the last `#role`/`#R=`, else the resource's default (D4).
+
+    Returns the role, the failure of the last `#role` if it named no role (its entries are
+    then not logged: a role is never guessed), and every failure found.
+    """
+    role_cmds = [c for c in commands if c.name == "role"]
+    mail_role, role_failed, failures = roles.default, None, []
+    for c in role_cmds:
+        role, why = roles.canonical(c.value)
+        if role is None:
+            role_failed = CommandFailure(c.line, c.text, why)
+            failures.append(role_failed)
+        else:
+            mail_role, role_failed = role, None
+    if role_cmds and not any(c.name == "time" for c in commands):
+        last = role_cmds[-1]
+        failures.append(CommandFailure(last.line, last.text,
+                                       "a role is for this mail's time entry, and it logs no time (add #time)"))
+    return mail_role, role_failed, failures
+
+
+def _assign(session: Session, ctx: MailContext, ticket: Ticket, address: str, now: datetime) -> str | None:
+    resource = session.scalar(select(Resource).where(Resource.email == address))
+    if resource is None:
+        return f"no resource has the address {address}"
+    if not assign(session, ticket, resource, who=ctx.sender.address, now=now, journal_id=ctx.journal_id):
+        ctx.note("apply", "nothing to do", f"the ticket is already assigned to {address}")
+    return None
 
 
 _SPELLING = {"status": "#status", "resolve": "#resolve", "wait_until": "#wait until", "assign": "#assign",
@@ -376,6 +386,7 @@ class _RoleCheck:
         self.own = list(resource.roles or [])
         self.known = self.own or sorted({r for roles in session.scalars(select(Resource.roles)) for r in roles or []})
         self.email = resource.email
+        self.default = resource.default_role
 
     def canonical(self, value: str) -> tuple[str | None, str]:
         if not self.known:  # a directory without roles: nothing to check against
@@ -412,6 +423,9 @@ def _status(session: Session, ctx: MailContext, ticket: Ticket, c: Command, sett
     to = {"resolve": "Resolved", "wait_until": "Waiting Until"}.get(c.name, c.value)
     move = resource_move(state_of(ticket), to, resolution=c.value if c.name == "resolve" else None,
                          until=until, now=now)
+    if move is None:
+        ctx.note("apply", f"line {c.line}: nothing to do", f"the ticket is already {to}")
+        return None
     if isinstance(move, str):
         return move
     apply_move(session, ticket, move, who=ctx.sender.address, now=now, settings=settings, journal_id=ctx.journal_id)
@@ -420,7 +434,8 @@ def _status(session: Session, ctx: MailContext, ticket: Ticket, c: Command, sett
 
 def _unassign(session: Session, ctx: MailContext, ticket: Ticket, settings, now: datetime) -> str | None:
     if not assign(session, ticket, None, who=ctx.sender.address, now=now, journal_id=ctx.journal_id):
-        return "the ticket is not assigned"
+        ctx.note("apply", "nothing to do", "the ticket is not assigned")
+        return None
     move = unassign_move(state_of(ticket))
     if move is not None:
         apply_move(session, ticket, move, who=ctx.sender.address, now=now, settings=settings,
@@ -430,7 +445,8 @@ def _unassign(session: Session, ctx: MailContext, ticket: Ticket, settings, now:
 
 def _priority(session: Session, ctx: MailContext, ticket: Ticket, priority: str, now: datetime) -> str | None:
     if ticket.priority == priority:
-        return f"the priority is already {priority}"
+        ctx.note("apply", "nothing to do", f"the priority is already {priority}")
+        return None
     _timeline(session, ctx, "ticket", ticket.id, ctx.sender.address, "priority changed", ticket.priority, priority,
               at=now)
     ticket.priority = priority
@@ -447,8 +463,10 @@ def _command_failed(session: Session, ctx: MailContext, failures: list[CommandFa
     numbering = ctx.config.settings.numbering
     tag = ticket_tag(numbering, w.number) if w.entity_type == "ticket" else f"[{w.entity_type.title()}#{w.number}]"
     title = _entity_title(session, w.entity_type, w.entity_id)
+    failed = {(f.line, f.text) for f in failures}
+    applied = [c.text for c in ctx.commands.commands if (c.line, c.text) not in failed]
     body = render("command_failed", recipient_name=ctx.sender.name, subject=ctx.parsed.subject, number=w.number,
-                  entity_label=w.entity_type, failures=failures, mailbox=_mailbox_view(ctx))
+                  entity_label=w.entity_type, failures=failures, applied=applied, mailbox=_mailbox_view(ctx))
     d = draft("command_failed", mailbox=ctx.mailbox, recipients=[(ctx.sender.address, "sender")],
               subject=f"{tag} Command failed: {title}", body=body, mail=ctx.parsed, entity_type=w.entity_type,
               entity_id=w.entity_id, number=w.number, journal_id=ctx.journal_id)
