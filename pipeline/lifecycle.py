@@ -213,6 +213,7 @@ def state_of(ticket: Ticket) -> TicketState:
 def apply_move(session: Session, ticket: Ticket, move: Move, *, who: str, now: datetime,
                settings: LifecycleSettings, journal_id: int | None = None) -> None:
     """Set the status and what goes with it; every change a timeline entry (D2)."""
+    now = utc(now)
     before = ticket.status
     why = None if move.to == before else refusal(move.actor, before, move.to)
     if why:  # callers decide first; this guards the table against a caller's mistake
@@ -240,6 +241,7 @@ def apply_move(session: Session, ticket: Ticket, move: Move, *, who: str, now: d
 def assign(session: Session, ticket: Ticket, resource: Resource | None, *, who: str, now: datetime,
            journal_id: int | None = None) -> bool:
     """(Un)assign; returns False when nothing changed."""
+    now = utc(now)
     old = ticket.assigned_resource
     if (old.id if old else None) == (resource.id if resource else None):
         return False
@@ -254,7 +256,7 @@ def assign(session: Session, ticket: Ticket, resource: Resource | None, *, who: 
 def timeline(session: Session, ticket: Ticket, who: str, what: str, from_value: str | None,
              to_value: str | None, at: datetime, journal_id: int | None) -> None:
     session.add(TimelineEntry(entity_type="ticket", entity_id=ticket.id, who=who, what=what[:100],
-                              from_value=from_value, to_value=to_value, at=at, journal_id=journal_id))
+                              from_value=from_value, to_value=to_value, at=utc(at), journal_id=journal_id))
 
 
 # -- the maintenance job ------------------------------------------------------------------------
@@ -270,7 +272,7 @@ def run_scheduled_transitions(session: Session, config: Config, now: datetime) -
     locked (and rows another worker holds skipped) on PostgreSQL. The clock is `now`,
     so tests move it instead of sleeping.
     """
-    now = aware(now)
+    now = utc(now)
     counts = dict.fromkeys(SCHEDULED_KINDS, 0)
     windows = [settings_for(config, b.name).feedback_window_days for b in config.mailboxes]
     earliest_resolved = now - timedelta(days=min(windows + [LifecycleSettings().feedback_window_days]))
@@ -298,3 +300,8 @@ def run_scheduled_transitions(session: Session, config: Config, now: datetime) -
 def aware(value: datetime) -> datetime:
     """SQLite hands back naive datetimes; everything mailloop stores is UTC."""
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def utc(value: datetime) -> datetime:
+    # SQLite keeps the wall-clock digits and drops the offset: store and compare in UTC only.
+    return aware(value).astimezone(timezone.utc)

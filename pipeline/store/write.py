@@ -21,6 +21,7 @@ from pipeline.lifecycle import (
     settings_for,
     state_of,
     unassign_move,
+    utc,
 )
 from pipeline.notify.outbox import Draft, draft, render, ticket_tag
 from pipeline.parsers.references import tag_pattern
@@ -71,7 +72,7 @@ def write_mail(session: Session, ctx: MailContext) -> None:
             # An unverified mail never speaks to customers: its text goes to an internal note.
             description="" if target.internal else text,
             status=defaults.status,
-            status_changed_at=ctx.received_at,
+            status_changed_at=utc(ctx.received_at),
             priority=defaults.priority,
             queue_id=_queue_id(session, defaults.queue),
             account_id=account_id,
@@ -182,7 +183,7 @@ def _timeline(session: Session, ctx: MailContext, entity_type: str, entity_id: i
     session.add(TimelineEntry(entity_type=entity_type, entity_id=entity_id, who=who, what=what,
                               from_value=from_value, to_value=to_value, journal_id=ctx.journal_id,
                               # The mail's time, as for the lifecycle's entries: one clock per mail.
-                              at=at or ctx.received_at))
+                              at=utc(at or ctx.received_at)))
 
 
 def _notifications(session: Session, ctx: MailContext, entity_type: str, entity_id: int, number: str,
@@ -249,7 +250,7 @@ def apply_changes(session: Session, ctx: MailContext) -> None:
     this same transaction.
     """
     w = ctx.written
-    now = ctx.received_at
+    now = utc(ctx.received_at)  # the mail's clock decides (and an import's clock is the mail's date)
     linked = session.get(Ticket, ctx.target.link_to_ticket_id) if ctx.target.link_to_ticket_id else None
     if linked is not None:
         _catch_up(session, ctx, linked, now)  # e.g. its feedback window ended: close it now
