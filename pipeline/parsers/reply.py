@@ -5,10 +5,12 @@ The note that lands on a ticket is `new_text(body_text)`; the whole body stays i
 - an attribution line ("On … wrote:" and its Spanish, German, French, Portuguese, Dutch,
   Italian, … forms, also wrapped over two lines) — mail-parser-reply's maintained
   per-language patterns, plus our own for what they miss (Portuguese; Gmail's Spanish
-  "escribió:" after a single space; German "Am … schrieb …:" variants);
+  "escribió:" after a single space; German "Am … schrieb …:" variants; Russian "… пишет:";
+  Gmail's Japanese "<date> <name> <address>:");
 - an "-----Original Message-----" / forwarded-message rule in any of those languages;
 - an Outlook header block: a From:-line followed closely by a Sent:/Date:-line, in any of
-  those languages (with the underscore rule Outlook puts above it);
+  those languages and in Russian, Greek, Hebrew, Japanese and Chinese (with the underscore
+  rule Outlook puts above it, or the Sent: line that GMX and web.de put above From:);
 - a block of `>`-quoted lines that runs to the end; quoted lines between new text
   (answers written inline) are dropped with the attribution above them.
 Then the signature ("-- ", "Sent from my iPhone" and its translations, a closing
@@ -53,6 +55,8 @@ _ATTRIBUTION = re.compile(
       | Op\s.{3,300}\sschreef.{0,200}:                       # Dutch
       | Il\s.{3,300}\sha\sscritto\s?:                        # Italian
       | .{3,200}\s(?:wrote|escribió|a\sécrit|ha\sscritto|schreef)\s?:  # "Name wrote:"
+      | .{3,200}\s(?:пишет|написал[аи]?|написал\(а\))\s?:       # Russian, "<date>, <name> пишет:"
+      | \d{4}年\d{1,2}月\d{1,2}日.{3,300}[:：]                  # Japanese (Gmail): "<date> <name> <address>:"
     )\s*$""",
     re.IGNORECASE | re.VERBOSE,
 )
@@ -74,11 +78,18 @@ _RULE = re.compile(
     re.IGNORECASE | re.VERBOSE,
 )
 # Outlook's header block: a From: line followed closely by Sent:/Date: (in any language).
-_HEADER_FROM = re.compile(r"^\s*>?\s*\*?(?:From|Von|De|Van|Da|Från|Fra|Od|Absender)\s*:\*?\s*\S", re.IGNORECASE)
+_HEADER_FROM = re.compile(r"^\s*>?\s*\*?(?:From|Von|De|Van|Da|Från|Fra|Od|Absender|От|Από|מאת|差出人|发件人|寄件者)"
+                          r"\s*[:：]\*?\s*\S", re.IGNORECASE)
 _HEADER_SENT = re.compile(
     r"^\s*>?\s*\*?(?:Sent|Date|Gesendet|Datum|Enviado|Fecha|Envoy[ée]|Date\sd'envoi|Verzonden|Verstuurd|Inviato"
-    r"|Data|Skickat|Sendt|Wysłano|To|An|Para|À|A|Aan|Subject|Betreff|Asunto|Objet|Assunto|Onderwerp|Oggetto)"
-    r"\s*:",
+    r"|Data|Skickat|Sendt|Wysłano|To|An|Para|À|A|Aan|Subject|Betreff|Asunto|Objet|Assunto|Onderwerp|Oggetto"
+    r"|Отправлено|Дата|Кому|Тема|Στάλθηκε|Ημερομηνία|Προς|Θέμα|נשלח|תאריך|אל|נושא|送信日時|日付|宛先|件名"
+    r"|发送时间|收件人|主题)\s*[:：]",
+    re.IGNORECASE,
+)
+_HEADER_DATE = re.compile(
+    r"^\s*>?\s*\*?(?:Sent|Date|Gesendet|Datum|Enviado|Fecha|Envoy[ée]|Verzonden|Inviato|Data|Отправлено|Дата"
+    r"|Στάλθηκε|נשלח|送信日時)\s*[:：]\*?\s*\S",
     re.IGNORECASE,
 )
 _UNDERSCORE_RULE = re.compile(r"^\s*[_\-]{10,}\s*$")
@@ -98,7 +109,9 @@ _CLOSING = re.compile(
       |cordialement|bien\scordialement|salutations|bien\s[àa]\svous|merci|merci\sd'avance|bonne\sjourn[ée]e
       |atenciosamente|cumprimentos|abra[çc]os|obrigad[oa]|com\sos\smelhores\scumprimentos
       |met\svriendelijke\sgroet(?:en)?|vriendelijke\sgroet(?:en)?|groeten|mvg|bedankt
-      |cordiali\ssaluti|distinti\ssaluti|saluti|grazie|un\scordiale\ssaluto)[\s,.!]*$""",
+      |cordiali\ssaluti|distinti\ssaluti|saluti|grazie|un\scordiale\ssaluto
+      |с\sуважением|спасибо|заранее\sспасибо|всего\sдоброго|ευχαριστώ|με\sεκτίμηση|φιλικά|תודה|תודה\sרבה|בברכה
+    )[\s,.!]*$""",
     re.IGNORECASE | re.VERBOSE,
 )
 _SIGNATURE_MAX_LINES = 12
@@ -156,7 +169,7 @@ def history_start(lines: list[str]) -> int:
 
 def _is_attribution(line: str) -> bool:
     stripped = line.strip()
-    if not stripped.endswith(":"):
+    if not stripped.endswith((":", "：")):
         return False
     if _ATTRIBUTION.match(line):
         return True
@@ -179,7 +192,10 @@ def _header_block_follows(lines: list[str], i: int) -> bool:
 
 
 def _above_rule(lines: list[str], i: int) -> int:
-    """Outlook puts an underscore rule (or an "Original Message" rule) above its header block."""
+    """Outlook puts an underscore rule (or an "Original Message" rule) above its header block;
+    GMX and web.de put the block's "Gesendet:" line right above its "Von:" line."""
+    if i > 0 and _HEADER_DATE.match(lines[i - 1]):
+        i -= 1
     j = i - 1
     while j >= 0 and not lines[j].strip():
         j -= 1
