@@ -28,7 +28,7 @@ _PLAIN = ("from_address", "from_name", "subject", "message_id", "in_reply_to", "
 
 
 def test_the_corpus_is_there() -> None:
-    assert len(CASES) >= 40
+    assert len(CASES) >= 80
     assert all((CORPUS / f"{name}.eml").exists() for name in CASES)
 
 
