@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""The in-process pipeline (journal → written) on the realistic corpus, next to bare mail-parser.
+
+Prints mails/s for: bare `mailparser.parse_from_bytes` over the same mails, and
+mailloop's whole pipeline — journal commit, every stage, the write transaction with its
+outbox rows — on SQLite and on PostgreSQL, in one process (one core), in one run. The
+ratio pipeline/mail-parser is the headline: how much of a core the rest of the work
+costs beyond parsing.
+
+    python bench/pipeline.py                 # 2,000 mails, SQLite and PostgreSQL
+    python bench/pipeline.py --n 10000 --db postgresql --profile
+
+Needs the local Redis (loop guard) and, for PostgreSQL, a server that lets it create a
+database (`--pg-admin`, default postgresql://postgres@127.0.0.1:5432/postgres).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+CONFIG = """
+[database]
+url = "{db}"
+
+[redis]
+url = "{redis}"
+key_prefix = "{prefix}"
+
+[[mailbox]]
+name = "support"
+address = "support@acme-helpdesk.example"
+
+[mailbox.ticket_defaults]
+queue = "Service Desk"
+"""
+
+DIRECTORY = """
+[[resource]]
+email = "tom@acme-helpdesk.example"
+name = "Tom Tech"
+roles = ["Engineer"]
+
+[[queue]]
+name = "Service Desk"
+members = ["tom@acme-helpdesk.example"]
+
+[[account]]
+name = "Contoso"
+domains = ["contoso.example"]
+
+[[account]]
+name = "Fabrikam"
+domains = ["fabrikam.example"]
+"""
+
+
+def corpus(n: int, out: Path) -> list[bytes]:
+    eml = out / "eml"
+    if not eml.is_dir() or len(list(eml.iterdir())) != n:
+        subprocess.run([sys.executable, str(HERE / "make_corpus.py"), "--out", str(out), "--n", str(n)],
+                       check=True, stdout=subprocess.DEVNULL)
+    return [p.read_bytes() for p in sorted(eml.iterdir())]
+
+
+def bare_mailparser(mails: list[bytes]) -> float:
+    import mailparser
+
+    started = time.perf_counter()
+    for raw in mails:
+        mailparser.parse_from_bytes(raw)
+    return len(mails) / (time.perf_counter() - started)
+
+
+def pipeline_run(mails: list[bytes], db_url: str, redis_url: str, workdir: Path, profile: bool) -> dict:
+    import redis
+
+    from pipeline.config import load_config
+    from pipeline.process import MailProcessor
+    from pipeline.store.db import Store
+    from pipeline.store.directory import load_directory
+
+    prefix = f"mailloop-bench:{uuid.uuid4().hex}:"
+    config_path = workdir / "mailboxes.toml"
+    config_path.write_text(CONFIG.format(db=db_url, redis=redis_url, prefix=prefix), encoding="utf-8")
+    (workdir / "directory.toml").write_text(DIRECTORY, encoding="utf-8")
+    config = load_config(config_path)
+    store = Store(config.database_url)
+    store.upgrade()
+    load_directory(store, workdir / "directory.toml", config.settings.numbering)
+    client = redis.Redis.from_url(redis_url)
+    processor = MailProcessor(config, store, client)
+
+    outcomes: dict[str, int] = {}
+    per_mail: list[float] = []
+    profiler = _profiler() if profile else None
+    started = time.perf_counter()
+    for raw in mails:
+        t0 = time.perf_counter()
+        result = processor.ingest("support", raw)
+        per_mail.append(time.perf_counter() - t0)
+        outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
+    elapsed = time.perf_counter() - started
+    if profiler is not None:
+        profiler.stop()
+        print(profiler.output_text(unicode=True, color=False, show_all=False), file=sys.stderr)
+    for key in client.scan_iter(match=prefix + "*"):
+        client.delete(key)
+    store.dispose()
+    per_mail.sort()
+    return {
+        "rate": len(mails) / elapsed,
+        "p50_ms": statistics.median(per_mail) * 1000,
+        "p99_ms": per_mail[int(0.99 * (len(per_mail) - 1))] * 1000,
+        "outcomes": outcomes,
+    }
+
+
+def _profiler():
+    try:
+        from pyinstrument import Profiler
+    except ImportError:
+        print("--profile needs pyinstrument (pip install pyinstrument)", file=sys.stderr)
+        return None
+    p = Profiler()
+    p.start()
+    return p
+
+
+def _pg_database(admin_url: str):
+    from sqlalchemy import create_engine, text
+
+    name = f"mailloop_bench_{os.getpid()}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return admin_url.rsplit("/", 1)[0] + "/" + name, drop
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000, help="mails in the corpus (default 2000)")
+    ap.add_argument("--corpus", type=Path, default=Path(tempfile.gettempdir()) / "mailloop-bench-corpus")
+    ap.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
+    ap.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--pg-admin", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    ap.add_argument("--profile", action="store_true", help="profile the pipeline run with pyinstrument")
+    args = ap.parse_args()
+
+    mails = corpus(args.n, args.corpus / str(args.n))
+    print(f"corpus: {len(mails)} mails, {sum(map(len, mails)) / 2**20:.1f} MiB (bench/make_corpus.py)")
+    bare = bare_mailparser(mails)
+    print(f"{'bare mail-parser (parse only)':<40} {bare:8.1f} mails/s")
+    for db in (["sqlite", "postgresql"] if args.db == "both" else [args.db]):
+        with tempfile.TemporaryDirectory(prefix="mailloop-bench-") as tmp:
+            drop = None
+            url = f"sqlite:///{tmp}/bench.db"
+            if db == "postgresql":
+                url, drop = _pg_database(args.pg_admin)
+            try:
+                r = pipeline_run(mails, url, args.redis, Path(tmp), args.profile)
+            finally:
+                if drop:
+                    drop()
+        print(f"{'pipeline journal→written, ' + db:<40} {r['rate']:8.1f} mails/s   "
+              f"ratio {r['rate'] / bare:.2f} of mail-parser   p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms")
+        print(f"{'':<40} outcomes: " + ", ".join(f"{n} {k}" for k, n in sorted(r["outcomes"].items())))
+
+
+if __name__ == "__main__":
+    main()
