@@ -453,9 +453,7 @@ def unflow(text: str, delsp: bool = False) -> str:
     for line in text.replace("\r\n", "\n").split("\n"):
         marks = _QUOTE_MARKS.match(line)
         depth = len(marks.group(0)) if marks else 0
-        content = line[depth:]
-        if content.startswith(" "):
-            content = content[1:]  # space-stuffing (and the space after quote marks)
+        content = line[depth:].removeprefix(" ")  # space-stuffing (and the space after quote marks)
         soft = content.endswith(" ") and content != "-- "
         if depth_open is not None and depth_open != depth:
             flush()

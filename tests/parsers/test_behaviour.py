@@ -6,7 +6,7 @@ import base64
 
 from pipeline.parsers.charset import decode_bytes, decode_header_value
 from pipeline.parsers.html import html_to_text
-from pipeline.parsers.mime import mail_identity, parse_mail
+from pipeline.parsers.mime import mail_identity, parse_mail, unflow
 from pipeline.parsers.params import split_header
 from pipeline.parsers.reply import new_text
 from pipeline.parsers.sanitize import sanitize_html
@@ -104,3 +104,18 @@ def test_a_broken_winmail_dat_is_kept_as_it_came() -> None:
     assert [a.filename for a in mail.attachments] == ["winmail.dat"]
     assert mail.warnings == ["winmail.dat could not be unpacked: kept as it came"]
     assert mail.body_text == "hi"
+
+
+def test_format_flowed_lines_are_joined_and_the_signature_separator_kept() -> None:
+    text = "One long \nparagraph.\n-- \nJane\n> quoted \n> line\n>> deeper"
+    assert unflow(text) == "One long paragraph.\n-- \nJane\n> quoted line\n>> deeper"
+    assert unflow("split-\nno\nwo \nrd", delsp=True) == "split-\nno\nword"
+
+
+def test_a_sent_line_above_the_from_line_is_history_too() -> None:
+    body = "Passt.\n\nGesendet: Mittwoch, 25. November 2026 um 17:02 Uhr\nVon: MSP <support@msp.example>\nAn: Hans\n\nalt"
+    assert new_text(body) == "Passt."
+
+
+def test_a_note_keeps_at_most_one_empty_line_between_paragraphs() -> None:
+    assert new_text("First.\n\n \n\n\nSecond.") == "First.\n\nSecond."
