@@ -26,12 +26,12 @@ from pipeline.context import MailContext, Result, StopMail, TraceStep
 from pipeline.dedup.loop_guard import LoopGuard
 from pipeline.errors import CannotRun
 from pipeline.logs import mail_context, update_mail_context
+from pipeline.notify.plan import rejection_notice, store_draft
 from pipeline.stages import PIPELINE, StageEnv
 from pipeline.store.db import Store
 from pipeline.store.journal import is_import_ref, reopen_quarantined
 from pipeline.store.lookups import Lookups
 from pipeline.store.models import JournalEntry
-from pipeline.store.write import rejection_notice, store_draft
 
 log = logging.getLogger("pipeline.process")
 

@@ -22,9 +22,10 @@ from pipeline.lifecycle import effective_status, settings_for
 from pipeline.parsers.mime import Unparseable, mail_identity, parse_mail
 from pipeline.parsers.subject import normalise_subject
 from pipeline.registry import build_parser_stages
+from pipeline.store.apply import apply_changes
 from pipeline.store.locks import lock_conversation
 from pipeline.store.lookups import EntityInfo, Lookups
-from pipeline.store.write import apply_changes, write_mail
+from pipeline.store.write import write_mail
 from pipeline.trust import evaluate
 
 

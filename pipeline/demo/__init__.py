@@ -9,7 +9,6 @@ stranger quotes the ticket number — and prints what happened.
 
 from __future__ import annotations
 
-import shutil
 import time
 from datetime import datetime, timezone
 from email.message import EmailMessage
