@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from pipeline.notify.settings import NotificationSettings, SmtpSettings
+from pipeline.settings_model import SettingsModel
+from pipeline.sources.settings import SourceSettings
 
 DEFAULT_CONFIG_NAME = "mailboxes.toml"
 
@@ -26,9 +30,7 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message is one line for a person."""
 
 
-class _Model(BaseModel):
-    # Unknown keys are refused: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Model = SettingsModel
 
 
 class DatabaseSettings(_Model):
@@ -87,22 +89,6 @@ class DirectorySettings(_Model):
     public_domains_extra: list[str] = []
 
 
-class SourceSettings(_Model):
-    kind: Literal["maildir", "stdin", "imap", "pop3", "smtp", "lmtp"] = "stdin"
-    path: str | None = None  # Maildir folder
-    host: str | None = None
-    port: int | None = None
-    username: str | None = None
-    password_env: str | None = None  # secrets only by environment-variable name
-    folder: str | None = None
-    poll_seconds: int = Field(60, ge=1)
-
-    @model_validator(mode="after")
-    def _needs(self) -> "SourceSettings":
-        if self.kind == "maildir" and not self.path:
-            raise ValueError("a Maildir source needs 'path'")
-        return self
-
 
 class TicketDefaults(_Model):
     queue: str | None = None
@@ -137,17 +123,6 @@ class TrustPolicy(_Model):
     arc_authserv_ids: list[str] = []
 
 
-class NotificationSettings(_Model):
-    from_address: str | None = None  # default: the mailbox address
-    from_name: str | None = None
-    ticket_created: bool = True
-    note_added: bool = True
-    sender_rejected: bool = True
-    # Tell a resource which command line of their mail failed and why (D4).
-    command_failed: bool = True
-    # Tell the ticket's contact it was resolved, and how to accept or reject it (D2).
-    ticket_resolved: bool = True
-
 
 class MailboxConfig(_Model):
     name: str = Field(min_length=1)
@@ -179,6 +154,7 @@ class Settings(_Model):
     database: DatabaseSettings = DatabaseSettings()
     redis: RedisSettings = RedisSettings()
     celery: CelerySettings = CelerySettings()
+    smtp: SmtpSettings = SmtpSettings()
     loop_guard: LoopGuardSettings = LoopGuardSettings()
     numbering: NumberingSettings = NumberingSettings()
     directory: DirectorySettings = DirectorySettings()
