@@ -141,6 +141,9 @@ class MailboxConfig(_Model):
     sla_pause_in_waiting_customer: bool = False
     notifications: NotificationSettings = NotificationSettings()
     parser_stages: list[str] = ["ticket_number", "reply_reference"]
+    # Attachments larger than this are recorded as skipped, with the reason; the mail is still
+    # processed. None: no limit.
+    max_attachment_bytes: int | None = Field(25 * 1024 * 1024, ge=0)
 
     @field_validator("address")
     @classmethod

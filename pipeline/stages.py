@@ -49,14 +49,17 @@ class Parse:
 
     def __call__(self, ctx: MailContext, env: StageEnv) -> None:
         try:
-            ctx.mail = parse_mail(ctx.raw)
+            ctx.mail = parse_mail(ctx.raw, max_attachment_bytes=ctx.mailbox.max_attachment_bytes)
         except Unparseable as exc:
             ctx.note(self.name, "unparseable", str(exc))
             raise StopMail("quarantined", f"unparseable: {exc}") from None
         ctx.identity = mail_identity(ctx.mail)
         m = ctx.mail
+        skipped = sum(1 for a in m.attachments if a.skipped)
         ctx.note(self.name, "parsed", f"from {m.from_address}, subject {m.subject!r}, "
-                 f"{len(m.body_text)} chars of text, {len(m.attachments)} attachment(s)")
+                 f"{len(m.body_text)} chars of text, {len(m.attachments)} attachment(s)"
+                 + (f", {skipped} skipped" if skipped else "")
+                 + (f"; repaired: {'; '.join(m.warnings)}" if m.warnings else ""))
 
 
 class Authenticate:
