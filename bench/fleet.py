@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""The Celery fleet (Redis broker, PostgreSQL) on the realistic corpus: mails/s and lag.
+
+Two measurements, each with real `celery -A pipeline.worker worker` processes:
+
+1. **burst**: the corpus dropped into a Maildir, one fetch task; mails/s from the first
+   journal write to the last outcome, and p50/p99 journal-to-written lag, at 1, 2 and
+   4 worker processes;
+2. **steady**: mails journaled at a steady offered rate (default 150 mails/s, as an
+   SMTP intake or MTA pipe would), each handed to the process queue at once; the
+   achieved rate and p50/p99 journal-to-written lag.
+
+    python bench/fleet.py [--n 2000] [--workers 1 2 4] [--rate 150] [--steady-seconds 20]
+
+Needs the local Redis (broker db 14 by default, loop guard) and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from bench.pipeline import DIRECTORY, _pg_database, corpus  # noqa: E402
+
+CONFIG = """
+[database]
+url = "{db}"
+
+[redis]
+url = "{redis}"
+key_prefix = "{prefix}"
+
+[[mailbox]]
+name = "support"
+address = "support@acme-helpdesk.example"
+
+[mailbox.source]
+kind = "maildir"
+path = "{maildir}"
+poll_seconds = 3600
+"""
+
+
+def _workers(config: Path, broker: str, processes: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PIPELINE_CONFIG": str(config), "CELERY_BROKER_URL": broker,
+           "PIPELINE_LOG_FORMAT": "text"}
+    return subprocess.Popen([sys.executable, "-m", "celery", "-A", "pipeline.worker", "worker", "-Q",
+                             "fetch,process,notify,maintenance", "--concurrency", str(processes),
+                             "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
+                             "-n", f"bench-{uuid.uuid4().hex[:6]}@%h"],
+                            env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(60)
+
+
+def _lags(store, since_id: int = 0) -> tuple[list[float], float, float]:
+    from sqlalchemy import select
+
+    from pipeline.store.models import JournalEntry
+
+    with store.sessions() as s:
+        rows = s.execute(select(JournalEntry.received_at, JournalEntry.processed_at)
+                         .where(JournalEntry.id > since_id)).all()
+    lags = sorted((p - r).total_seconds() for r, p in rows if p is not None)
+    first = min(r for r, _ in rows).timestamp()
+    last = max(p for _, p in rows if p is not None).timestamp()
+    return lags, first, last
+
+
+def _pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000
+
+
+def _fresh(args, workdir: Path):
+    """A new PostgreSQL database, configuration and directory; returns (config path, store, drop)."""
+    from pipeline.config import load_config
+    from pipeline.store.db import Store
+    from pipeline.store.directory import load_directory
+
+    url, drop = _pg_database(args.pg_admin)
+    maildir = workdir / "maildir"
+    for sub in ("new", "cur", "tmp"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "mailboxes.toml"
+    config_path.write_text(CONFIG.format(db=url, redis=args.redis, prefix=f"mailloop-bench:{uuid.uuid4().hex}:",
+                                         maildir=maildir), encoding="utf-8")
+    (workdir / "directory.toml").write_text(DIRECTORY, encoding="utf-8")
+    config = load_config(config_path)
+    store = Store(config.database_url)
+    store.upgrade()
+    load_directory(store, workdir / "directory.toml", config.settings.numbering)
+    return config_path, config, store, drop
+
+
+def _wait_done(store, total: int, timeout: float) -> None:
+    from sqlalchemy import func, select
+
+    from pipeline.store.models import JournalEntry
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with store.sessions() as s:
+            done = s.scalar(select(func.count()).select_from(JournalEntry).where(JournalEntry.outcome.is_not(None)))
+        if done >= total:
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"not done after {timeout}s: {done}/{total}")
+
+
+def burst(args, mails: list[bytes], processes: int) -> None:
+    from celery import Celery
+
+    with tempfile.TemporaryDirectory(prefix="mailloop-fleet-") as tmp:
+        workdir = Path(tmp)
+        config_path, config, store, drop = _fresh(args, workdir)
+        for i, raw in enumerate(mails):
+            (workdir / "maildir" / "new" / f"{1764000000 + i}.M{i}P1.bench").write_bytes(raw)
+        broker = args.broker
+        Celery(broker=broker).connection().default_channel.client.flushdb()
+        worker = _workers(config_path, broker, processes, workdir / "worker.log")
+        try:
+            time.sleep(3)  # the workers connect
+            app = Celery(broker=broker)
+            app.send_task("pipeline.tasks.fetch.fetch_mailbox", args=["support"], queue="fetch")
+            _wait_done(store, len(mails), 600)
+            lags, first, last = _lags(store)
+        finally:
+            _stop(worker)
+            store.dispose()
+            drop()
+    print(f"burst, {processes} worker process(es): {len(mails) / (last - first):7.1f} mails/s   "
+          f"lag p50 {_pct(lags, .5):8.0f} ms  p99 {_pct(lags, .99):8.0f} ms  (the whole backlog waits in line)")
+
+
+def steady(args, mails: list[bytes], processes: int) -> None:
+    from celery import Celery
+
+    from pipeline.process import MailProcessor, connect_redis
+
+    with tempfile.TemporaryDirectory(prefix="mailloop-fleet-") as tmp:
+        workdir = Path(tmp)
+        config_path, config, store, drop = _fresh(args, workdir)
+        broker = args.broker
+        Celery(broker=broker).connection().default_channel.client.flushdb()
+        worker = _workers(config_path, broker, processes, workdir / "worker.log")
+        processor = MailProcessor(config, store, connect_redis(config.redis_url))
+        app = Celery(broker=broker)
+        total = int(args.rate * args.steady_seconds)
+        try:
+            time.sleep(3)
+            started = time.perf_counter()
+            with app.producer_or_acquire() as producer:
+                for i in range(total):
+                    due = started + i / args.rate
+                    pause = due - time.perf_counter()
+                    if pause > 0:
+                        time.sleep(pause)
+                    journal_id = processor.journal("support", mails[i % len(mails)].replace(
+                        b"Message-ID: <", f"Message-ID: <steady{i}.".encode(), 1))
+                    app.send_task("pipeline.tasks.process.process_batch", args=[[journal_id]], queue="process",
+                                  producer=producer)
+            offered = total / (time.perf_counter() - started)
+            _wait_done(store, total, 600)
+            lags, first, last = _lags(store)
+        finally:
+            _stop(worker)
+            store.dispose()
+            drop()
+    print(f"steady {args.rate:.0f}/s offered ({offered:.0f}/s achieved by the feeder), {processes} worker "
+          f"process(es): {total / (last - first):7.1f} mails/s   lag p50 {_pct(lags, .5):6.0f} ms  "
+          f"p99 {_pct(lags, .99):6.0f} ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--corpus", type=Path, default=Path(tempfile.gettempdir()) / "mailloop-bench-corpus")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--rate", type=float, default=150.0, help="offered load of the steady run, mails/s")
+    ap.add_argument("--steady-seconds", type=float, default=20.0)
+    ap.add_argument("--steady-workers", type=int, default=4)
+    ap.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--broker", default="redis://127.0.0.1:6379/14", help="flushed before each run")
+    ap.add_argument("--pg-admin", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    args = ap.parse_args()
+
+    mails = corpus(args.n, args.corpus / str(args.n))
+    print(f"corpus: {len(mails)} mails; PostgreSQL store, Redis broker ({args.broker})")
+    for processes in args.workers:
+        burst(args, mails, processes)
+    if args.rate > 0:
+        steady(args, mails, args.steady_workers)
+
+
+if __name__ == "__main__":
+    main()
