@@ -19,7 +19,9 @@ from pipeline.commands import command_authority, parse_commands, parse_customer_
 from pipeline.context import MailContext, StopMail, Target
 from pipeline.dedup.loop_guard import LoopGuard
 from pipeline.lifecycle import effective_status, settings_for
+from pipeline.notify.plan import status_changed_notice
 from pipeline.parsers.mime import Unparseable, mail_identity, parse_mail
+from pipeline.parsers.references import answered_message_ids
 from pipeline.parsers.subject import normalise_subject
 from pipeline.registry import build_parser_stages
 from pipeline.store.apply import apply_changes
@@ -180,7 +182,7 @@ class Resolve:
     def _may_write(ctx: MailContext, env: StageEnv, entity: EntityInfo, via: str) -> tuple[bool, str]:
         s = ctx.sender
         mail = ctx.parsed
-        if via == "reply" and env.lookups.sent_by_us(mail.in_reply_to + mail.references, entity):
+        if via == "reply" and env.lookups.sent_by_us(answered_message_ids(mail), entity):
             return True, "answers our notification"
         if s.kind == "resource":
             return True, "sender is a resource"
@@ -322,6 +324,8 @@ class Apply:
             ctx.note(self.name, would, "dry run: nothing written")
             return
         apply_changes(env.session, ctx)
+        # After every command has applied: the contact hears of the status the mail left (D1.7).
+        status_changed_notice(env.session, ctx)
 
 
 # The pipeline (D1, D9). The order is the specification: gates run in D1.5's order and

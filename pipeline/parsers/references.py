@@ -11,6 +11,7 @@ from functools import lru_cache
 
 from pipeline.config import NumberingSettings
 from pipeline.context import EntityRef, EntityType, MailContext
+from pipeline.parsers.mime import ParsedMail
 
 # strftime directives that number formats use, as patterns.
 _DIRECTIVES = {"%Y": r"\d{4}", "%y": r"\d{2}", "%m": r"\d{2}", "%d": r"\d{2}", "%j": r"\d{3}",
@@ -101,14 +102,23 @@ class TicketNumberStage:
                  "number in the subject" if refs else "no number in the subject")
 
 
+def answered_message_ids(mail: ParsedMail) -> list[str]:
+    """The Message-IDs a mail answers, oldest first: References, In-Reply-To, and for a bounce
+    the Message-ID of the mail that bounced (so a bounced notification finds its ticket)."""
+    ids = list(mail.references) + list(mail.in_reply_to)
+    if mail.bounce is not None and mail.bounce.original_message_id:
+        ids.append(mail.bounce.original_message_id)
+    return ids
+
+
 class ReplyReferenceStage:
-    """Our own outbound Message-IDs in In-Reply-To / References."""
+    """Our own outbound Message-IDs in In-Reply-To / References (when a client lost the subject's number)."""
 
     name = "reply_reference"
 
     def __call__(self, ctx: MailContext) -> None:
         mail = ctx.parsed
-        refs = references_from_message_ids(mail.references + mail.in_reply_to)
+        refs = references_from_message_ids(answered_message_ids(mail))
         ctx.references.extend(r for r in refs if r not in ctx.references)
         ctx.note(self.name, "found " + ", ".join(r.number for r in refs) if refs else "none",
                  "answers one of our notifications" if refs else "no Message-ID of ours in In-Reply-To/References")

@@ -245,10 +245,18 @@ class NumberSequence(Base):
 
 
 class Notification(Base):
-    """The outbox (D1.6–7): written in the mail's transaction, sent after commit."""
+    """The outbox (D1.6–7): written in the mail's transaction, sent after commit; history for 30 days.
+
+    `status`: pending → sending (claimed under a lease) → sent, or back to pending after a
+    transient failure, or failed (permanent refusal, or out of attempts).
+    """
 
     __tablename__ = "notifications"
-    __table_args__ = (Index("ix_notifications_status", "status"),)
+    __table_args__ = (
+        Index("ix_notifications_status", "status"),
+        Index("ix_notifications_entity", "entity_type", "entity_id"),
+        Index("ix_notifications_created_at", "created_at"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     event: Mapped[str] = mapped_column(String(40))
     entity_type: Mapped[str | None] = mapped_column(String(10))
@@ -261,6 +269,7 @@ class Notification(Base):
     )
     subject: Mapped[str] = mapped_column(String(998))
     body_text: Mapped[str] = mapped_column(Text)
+    body_html: Mapped[str | None] = mapped_column(Text)
     # Recorded before sending; a resend reuses it (D1.7).
     message_id: Mapped[str] = mapped_column(String(998), unique=True)
     in_reply_to: Mapped[str | None] = mapped_column(String(998))
@@ -270,6 +279,10 @@ class Notification(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column()
+    # A sender that claimed the row owns it until then; a sender killed mid-send leaves it to expire.
+    lease_until: Mapped[datetime | None] = mapped_column()
+    # After a transient failure: when the sweep may try again (backoff across worker restarts).
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
 
 
 class NotificationRecipient(Base):

@@ -7,7 +7,8 @@ from celery import Celery
 from pipeline.config import Config
 from pipeline.tasks.policy import celery_settings
 
-TASK_MODULES = ["pipeline.tasks.fetch", "pipeline.tasks.process", "pipeline.tasks.maintenance"]
+TASK_MODULES = ["pipeline.tasks.fetch", "pipeline.tasks.process", "pipeline.tasks.maintenance",
+                "pipeline.tasks.notify"]
 
 
 def create_app(config: Config, mailboxes: list[str] | None = None) -> Celery:

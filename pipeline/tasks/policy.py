@@ -14,6 +14,7 @@ from typing import Any
 from kombu import Queue
 
 from pipeline.config import Config
+from pipeline.sources.settings import polled_by_beat
 
 QUEUES = ("fetch", "process", "notify", "maintenance")
 
@@ -33,6 +34,11 @@ PROCESS_BATCH = 50
 RECONCILE_AFTER = timedelta(minutes=10)
 RECONCILE_EVERY = timedelta(minutes=1)
 TRANSITIONS_EVERY = timedelta(minutes=1)
+# Outbox rows that their mail's commit did not get sent (a broker hiccup, a killed notify
+# worker, SMTP down past the task's retries) are handed to senders again this often.
+NOTIFY_SWEEP_EVERY = timedelta(minutes=1)
+# Notification history older than 30 days is deleted; once a day is plenty.
+NOTIFY_PURGE_EVERY = timedelta(days=1)
 
 # One bounded policy for transient trouble (Redis, database, broker): exponential backoff
 # with jitter, capped; never unbounded. A mail whose task gives up stays journaled and
@@ -59,7 +65,9 @@ FETCH_LOCK_SECONDS = TIME_LIMITS["fetch"][1] + 30
 # It must exceed the longest hard time limit and retry countdown above.
 VISIBILITY_TIMEOUT = 900
 
-POLLABLE_SOURCES = ("maildir",)
+# Sources the fetch task polls on beat's schedule: Maildir, POP3, and IMAP without IDLE
+# (`polled_by_beat`). IMAP with IDLE and SMTP/LMTP listeners are long-running processes instead.
+POLLABLE_SOURCES = ("maildir", "pop3", "imap")
 
 
 def celery_settings(config: Config, mailboxes: list[str] | None = None) -> dict[str, Any]:
@@ -83,12 +91,12 @@ def celery_settings(config: Config, mailboxes: list[str] | None = None) -> dict[
 
 
 def beat_schedule(config: Config, mailboxes: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Fetch each polling mailbox at its interval; reconcile and run scheduled transitions."""
+    """Fetch each polling mailbox at its interval; reconcile, scheduled transitions, the outbox sweep and purge."""
     schedule: dict[str, dict[str, Any]] = {}
     for box in config.mailboxes:
         if mailboxes and box.name not in mailboxes:
             continue
-        if box.source.kind in POLLABLE_SOURCES:
+        if polled_by_beat(box.source):
             schedule[f"fetch:{box.name}"] = {
                 "task": "pipeline.tasks.fetch.fetch_mailbox",
                 "schedule": float(box.source.poll_seconds),
@@ -105,6 +113,16 @@ def beat_schedule(config: Config, mailboxes: list[str] | None = None) -> dict[st
         "task": "pipeline.tasks.maintenance.scheduled_transitions",
         "schedule": TRANSITIONS_EVERY.total_seconds(),
         "options": {"expires": TRANSITIONS_EVERY.total_seconds()},
+    }
+    schedule["notify:sweep"] = {
+        "task": "pipeline.tasks.notify.sweep",
+        "schedule": NOTIFY_SWEEP_EVERY.total_seconds(),
+        "options": {"expires": NOTIFY_SWEEP_EVERY.total_seconds()},
+    }
+    schedule["notify:purge_history"] = {
+        "task": "pipeline.tasks.notify.purge_history",
+        "schedule": NOTIFY_PURGE_EVERY.total_seconds(),
+        "options": {"expires": NOTIFY_PURGE_EVERY.total_seconds()},
     }
     return schedule
 

@@ -6,6 +6,7 @@ import logging
 
 from celery import shared_task
 
+from pipeline.notify.send import pending_for_journal
 from pipeline.process import Unavailable
 from pipeline.tasks import runtime
 from pipeline.tasks.policy import RETRY, task_options
@@ -27,6 +28,7 @@ def process_batch(journal_ids: list[int]) -> dict[str, int]:
         result = processor.process(journal_id)
         counts[result.outcome] = counts.get(result.outcome, 0) + 1
     log.info("processed %d mail(s): %s", len(journal_ids), counts)
+    notify_after_commit(journal_ids)
     return counts
 
 
@@ -34,7 +36,25 @@ def process_batch(journal_ids: list[int]) -> dict[str, int]:
              **RETRY, **task_options("process", idempotent=True))
 def process_mail(journal_id: int) -> str:
     """Process one journal id (for sources that hand over one mail at a time)."""
-    return runtime().processor().process(journal_id).outcome
+    outcome = runtime().processor().process(journal_id).outcome
+    notify_after_commit([journal_id])
+    return outcome
+
+
+def notify_after_commit(journal_ids: list[int]) -> None:
+    """Hand the outbox rows these mails wrote to the notify queue, now that they are committed.
+
+    Best effort: the mails' outcomes stand whatever happens here, and the notify sweep
+    sends whatever this could not enqueue (D1.7: SMTP trouble never changes an outcome).
+    """
+    from pipeline.tasks.notify import enqueue as enqueue_notifications
+
+    try:
+        with runtime().store().sessions() as session:
+            ids = pending_for_journal(session, journal_ids)
+        enqueue_notifications(ids)
+    except Exception as exc:
+        log.warning("notifications of %d mail(s) left to the sweep: %s", len(journal_ids), exc)
 
 
 def enqueue(journal_ids: list[int], batch_size: int) -> int:

@@ -1,0 +1,115 @@
+"""Who a notification goes to (D1.7): roles resolved to addresses, minus those we must never write to."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from pipeline.config import Config
+from pipeline.store.models import (
+    Account,
+    Contact,
+    Notification,
+    NotificationRecipient,
+    QueueMember,
+    Resource,
+    Ticket,
+)
+
+# Addresses that are machines, not people: answering them feeds bounces and loops.
+_MACHINE = re.compile(
+    r"^(?:mailer-daemon|mail-daemon|mailerdaemon|postmaster|bounces?|bounce[+-].*|.*-bounces?(?:\+.*)?"
+    r"|no-?reply|do-?not-?reply|noreply[+-].*|no-reply[+-].*|auto-?reply|autoresponder|microsoftexchange[0-9a-f]*"
+    r"|mail\.delivery\.system)@", re.IGNORECASE)
+
+# The events that answer a mail automatically: the ones a loop with another system is made of.
+ANSWERS = ("ticket_created", "sender_rejected", "command_failed")
+
+
+@dataclass(frozen=True)
+class Recipient:
+    email: str
+    role: str
+    name: str = ""
+
+    def view(self) -> dict[str, str]:
+        return {"name": self.name, "email": self.email, "role": self.role}
+
+
+def by_roles(session: Session, roles: list[str], *, sender: Recipient | None, ticket: Ticket | None) -> list[Recipient]:
+    """The addresses behind each role (or explicit address), in the order the roles are listed."""
+    out: list[Recipient] = []
+    for role in roles:
+        if "@" in role:
+            out.append(Recipient(role, "explicit"))
+        elif role == "sender" and sender is not None:
+            out.append(sender)
+        elif ticket is not None:
+            out.extend(_ticket_role(session, role, ticket))
+    return out
+
+
+def _ticket_role(session: Session, role: str, ticket: Ticket) -> list[Recipient]:
+    if role == "contact" and ticket.contact is not None:
+        return [Recipient(ticket.contact.email, role, ticket.contact.name)]
+    if role == "primary_resource" and ticket.assigned_resource is not None:
+        return [Recipient(ticket.assigned_resource.email, role, ticket.assigned_resource.name)]
+    if role == "queue_members" and ticket.queue_id is not None:
+        members = session.scalars(select(Resource).join(QueueMember, QueueMember.resource_id == Resource.id)
+                                  .where(QueueMember.queue_id == ticket.queue_id).order_by(Resource.email))
+        return [Recipient(r.email, role, r.name) for r in members]
+    if role == "account_manager":
+        manager = session.scalar(select(Resource).join(Account, Account.manager_id == Resource.id)
+                                 .where(Account.id == ticket.account_id))
+        return [Recipient(manager.email, role, manager.name)] if manager else []
+    return []
+
+
+def own_addresses(config: Config) -> set[str]:
+    """Every address mailloop receives or sends as: writing to one feeds mail back into a mailbox."""
+    own = set()
+    for box in config.mailboxes:
+        own.add(box.address.lower())
+        if box.notifications.from_address:
+            own.add(box.notifications.from_address.lower())
+    return own
+
+
+def address_problem(config: Config, r: Recipient) -> str | None:
+    """Why the address itself must never get a notification, or None."""
+    if r.email in own_addresses(config):
+        return "one of our own mailbox addresses"
+    if _MACHINE.match(r.email):
+        return "a machine address (bounces, auto-responders, no-reply)"
+    return None
+
+
+def opted_out(session: Session, email: str) -> str | None:
+    opted_in = session.scalar(select(Contact.notifications).where(Contact.email == email))
+    return "the contact has opted out of notifications" if opted_in is False else None
+
+
+def answers_in_window(session: Session, email: str, window_seconds: int, now: datetime | None = None) -> int:
+    """Automatic answers written to `email` in the last `window_seconds`, across all mailboxes."""
+    since = (now or datetime.now(timezone.utc)) - timedelta(seconds=window_seconds)
+    return session.scalar(
+        select(func.count()).select_from(Notification).join(NotificationRecipient)
+        .where(NotificationRecipient.email == email, Notification.event.in_(ANSWERS),
+               Notification.created_at >= since)
+    ) or 0
+
+
+def unique(recipients: list[Recipient]) -> list[Recipient]:
+    """First mention wins: one copy per address, lower-cased."""
+    seen: set[str] = set()
+    out = []
+    for r in recipients:
+        email = r.email.lower().strip()
+        if email and email not in seen:
+            seen.add(email)
+            out.append(Recipient(email, r.role, r.name))
+    return out

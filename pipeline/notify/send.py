@@ -1,0 +1,318 @@
+"""Sending the outbox (D1.7) after commit: claim rows, send them over one SMTP connection, record the result.
+
+A row is claimed atomically (`pending` → `sending`, with a lease) before anything is
+sent, so two senders never both send it; it is marked `sent` the moment the server
+accepts it, and a `sent` row is never claimed again. A sender killed mid-send leaves
+its rows `sending` until the lease runs out; then the sweep claims them again and the
+resend carries the Message-ID recorded when the row was written. Delivery is therefore
+at least once — only a kill between the server's 250 and our commit sends twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import smtplib
+import ssl
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import format_datetime, formataddr
+from typing import Iterator
+
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.orm import Session, selectinload
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from pipeline.config import Config
+from pipeline.notify.settings import SmtpSettings
+from pipeline.store.db import Store
+from pipeline.store.models import Notification, NotificationRecipient
+
+log = logging.getLogger("pipeline.notify")
+
+# A row out of attempts is failed for good; with the task's quick retries and the sweep's
+# backoff (below) that is about a day of trying.
+MAX_ATTEMPTS = 15
+BACKOFF_BASE_SECONDS = 30
+BACKOFF_MAX_SECONDS = 3600
+HISTORY_DAYS = 30
+
+# The server is not there, or the connection broke: nothing in this batch can be sent now.
+CONNECTION_ERRORS = (OSError, smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected, smtplib.SMTPHeloError)
+
+
+class SmtpUnavailable(Exception):
+    """Some rows could not be sent for a reason that passes (server down, 4xx); retry them later."""
+
+
+@dataclass
+class Report:
+    sent: list[int] = field(default_factory=list)
+    retry: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)  # already sent, or claimed by another sender
+
+    def as_json(self) -> dict[str, int]:
+        return {k: len(v) for k, v in vars(self).items()}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# -- claiming and recording (each its own short transaction) ------------------------------------
+
+def claimable(now: datetime):  # -> SQL condition
+    """Pending, or claimed by a sender whose lease has run out."""
+    return or_(Notification.status == "pending",
+               and_(Notification.status == "sending", Notification.lease_until < now))
+
+
+def claim(store: Store, ids: list[int], now: datetime, lease_seconds: float) -> list[int]:
+    """Take the rows among `ids` that nobody is sending; returns the ids now ours."""
+    if not ids:
+        return []
+    with store.transaction() as session:
+        rows = session.execute(
+            update(Notification).where(Notification.id.in_(ids), claimable(now))
+            .values(status="sending", lease_until=now + timedelta(seconds=lease_seconds),
+                    attempts=Notification.attempts + 1)
+            .returning(Notification.id)
+        ).scalars().all()
+    return sorted(rows)
+
+
+def mark_sent(store: Store, nid: int) -> None:
+    with store.transaction() as session:
+        session.execute(update(Notification).where(Notification.id == nid, Notification.status == "sending")
+                        .values(status="sent", sent_at=utcnow(), lease_until=None, last_error=None,
+                                next_attempt_at=None))
+
+
+def mark_failed(store: Store, nid: int, error: str) -> None:
+    with store.transaction() as session:
+        session.execute(update(Notification).where(Notification.id == nid, Notification.status == "sending")
+                        .values(status="failed", last_error=error[:2000], lease_until=None, next_attempt_at=None))
+
+
+def mark_retry(store: Store, nid: int, error: str, now: datetime | None = None) -> str:
+    """Back to pending with a backoff for the sweep; failed once out of attempts. Returns the new status."""
+    now = now or utcnow()
+    with store.transaction() as session:
+        attempts = session.scalar(select(Notification.attempts).where(Notification.id == nid)) or 0
+        if attempts >= MAX_ATTEMPTS:
+            values = {"status": "failed", "last_error": f"gave up after {attempts} attempts: {error}"[:2000],
+                      "next_attempt_at": None}
+        else:
+            delay = min(BACKOFF_BASE_SECONDS * 2 ** max(attempts - 1, 0), BACKOFF_MAX_SECONDS)
+            values = {"status": "pending", "last_error": error[:2000],
+                      "next_attempt_at": now + timedelta(seconds=delay)}
+        session.execute(update(Notification).where(Notification.id == nid, Notification.status == "sending")
+                        .values(lease_until=None, **values))
+    return values["status"]
+
+
+def due(session: Session, now: datetime, grace_seconds: float = 30, limit: int = 1000) -> list[int]:
+    """Rows the sweep should hand to a sender: pending and due, or left `sending` past their lease.
+
+    Rows younger than `grace_seconds` are left to the task their own mail's commit enqueued.
+    """
+    rows = session.scalars(
+        select(Notification.id).where(or_(
+            and_(Notification.status == "pending",
+                 or_(Notification.next_attempt_at.is_(None), Notification.next_attempt_at <= now),
+                 Notification.created_at <= now - timedelta(seconds=grace_seconds)),
+            and_(Notification.status == "sending", Notification.lease_until < now),
+        )).order_by(Notification.id).limit(limit))
+    return list(rows)
+
+
+def pending_for_journal(session: Session, journal_ids: list[int]) -> list[int]:
+    """The outbox rows that processing these journal ids wrote and that wait to be sent."""
+    if not journal_ids:
+        return []
+    return list(session.scalars(select(Notification.id).where(
+        Notification.journal_id.in_(journal_ids), Notification.status == "pending").order_by(Notification.id)))
+
+
+def purge(session: Session, now: datetime, days: int = HISTORY_DAYS) -> int:
+    """Delete notifications older than `days` (and their recipients); returns how many."""
+    cutoff = now - timedelta(days=days)
+    old = select(Notification.id).where(Notification.created_at < cutoff)
+    session.execute(delete(NotificationRecipient).where(NotificationRecipient.notification_id.in_(old)))
+    return session.execute(delete(Notification).where(Notification.created_at < cutoff)).rowcount or 0
+
+
+# -- the message --------------------------------------------------------------------------------
+
+@dataclass
+class Outgoing:
+    id: int
+    message: EmailMessage
+    envelope_from: str
+    to: list[str]
+
+
+def build_message(n: Notification, config: Config, now: datetime | None = None) -> Outgoing:
+    """The mail for one outbox row, with the headers D1.7 requires."""
+    box = next((b for b in config.mailboxes if b.name == n.mailbox), None)
+    from_name = box.notifications.from_name if box else None
+    to = [r.email for r in n.recipients]
+    msg = EmailMessage(policy=SMTP_POLICY)
+    msg["From"] = formataddr((from_name or "", n.from_address))
+    msg["To"] = ", ".join(to)
+    msg["Reply-To"] = box.address if box else n.from_address
+    msg["Subject"] = n.subject
+    msg["Date"] = format_datetime(now or utcnow())
+    msg["Message-ID"] = n.message_id  # recorded when the row was written; the same on a resend
+    if n.in_reply_to:
+        msg["In-Reply-To"] = n.in_reply_to
+    if n.references:
+        msg["References"] = n.references
+    # RFC 3834: automatic; and Exchange/Outlook: send no out-of-office or read receipt back.
+    msg["Auto-Submitted"] = "auto-replied"
+    msg["X-Auto-Response-Suppress"] = "All"
+    msg.set_content(n.body_text)
+    if n.body_html:
+        msg.add_alternative(n.body_html, subtype="html")
+    return Outgoing(n.id, msg, n.from_address, to)
+
+
+# -- SMTP -----------------------------------------------------------------------------------------
+
+def _credentials(s: SmtpSettings) -> tuple[str, str] | None:
+    user = os.environ.get(s.username_env, "") if s.username_env else (s.username or "")
+    if not user:
+        return None
+    password = os.environ.get(s.password_env or "", "") if s.password_env else ""
+    if not password:
+        raise smtplib.SMTPException(f"smtp: the password variable {s.password_env or '(password_env unset)'} "
+                                    "is not set in the environment")
+    return user, password
+
+
+def _tls_context(s: SmtpSettings, config: Config) -> ssl.SSLContext:
+    cafile = str(config.resolve_path(s.ca_file)) if s.ca_file else None
+    return ssl.create_default_context(cafile=cafile)
+
+
+def _connect(s: SmtpSettings, config: Config) -> smtplib.SMTP:
+    if s.security == "tls":
+        client: smtplib.SMTP = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout_seconds,
+                                                context=_tls_context(s, config))
+    else:
+        client = smtplib.SMTP(s.host, s.port, timeout=s.timeout_seconds)
+    try:
+        client.ehlo()
+        if s.security == "starttls":
+            client.starttls(context=_tls_context(s, config))
+            client.ehlo()
+        creds = _credentials(s)
+        if creds:
+            client.login(*creds)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+@contextmanager
+def smtp_connection(config: Config) -> Iterator[smtplib.SMTP]:
+    """One connection for a batch; a blip in connecting is retried a few times (tenacity), no more:
+    a longer outage is the task's retry policy's business."""
+    s = config.settings.smtp
+    client = None
+    for attempt in Retrying(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=0.25, max=1),
+                            retry=retry_if_exception_type(CONNECTION_ERRORS), reraise=True):
+        with attempt:
+            client = _connect(s, config)
+    assert client is not None
+    try:
+        yield client
+    finally:
+        try:
+            client.quit()
+        except (smtplib.SMTPException, OSError):
+            client.close()
+
+
+def _row_error(exc: smtplib.SMTPException) -> tuple[bool, str]:
+    """(transient?, text) for an error that concerns this one mail, not the connection."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in exc.recipients.values()]
+        text = "; ".join(f"{rcpt}: {code} {msg.decode(errors='replace') if isinstance(msg, bytes) else msg}"
+                         for rcpt, (code, msg) in exc.recipients.items())
+        return any(400 <= c < 500 for c in codes), f"recipient refused: {text}"
+    if isinstance(exc, smtplib.SMTPResponseException):
+        msg = exc.smtp_error.decode(errors="replace") if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
+        return 400 <= exc.smtp_code < 500, f"{exc.smtp_code} {msg}"
+    return True, str(exc)
+
+
+# -- one batch ------------------------------------------------------------------------------------
+
+def deliver(store: Store, config: Config, ids: list[int], *, lease_seconds: float = 120,
+            now: datetime | None = None) -> Report:
+    """Send the rows among `ids` that are still to be sent, over one connection; record each outcome."""
+    report = Report()
+    now = now or utcnow()
+    mine = claim(store, ids, now, lease_seconds)
+    report.skipped = sorted(set(ids) - set(mine))
+    if not mine:
+        return report
+    with store.sessions() as session:
+        rows = session.scalars(select(Notification).options(selectinload(Notification.recipients))
+                               .where(Notification.id.in_(mine)).order_by(Notification.id)).all()
+        waiting = [build_message(n, config) for n in rows]
+    try:
+        with smtp_connection(config) as smtp:
+            while waiting:
+                out = waiting[0]
+                try:
+                    smtp.send_message(out.message, from_addr=out.envelope_from, to_addrs=out.to)
+                except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
+                    transient, error = _row_error(exc)
+                    _record_failure(store, out.id, error, transient, report)
+                else:
+                    mark_sent(store, out.id)
+                    report.sent.append(out.id)
+                waiting.pop(0)
+    except (*CONNECTION_ERRORS, smtplib.SMTPException) as exc:
+        # Server down, connection lost, TLS or login refused: the rest waits for a retry. The
+        # one in flight may have arrived without our seeing the 250; its resend keeps its Message-ID.
+        error = f"{type(exc).__name__}: {exc}".strip()
+        log.warning("smtp %s:%s: %s; %d notification(s) wait for a retry", config.settings.smtp.host,
+                    config.settings.smtp.port, error, len(waiting))
+        for out in waiting:
+            _record_failure(store, out.id, error, True, report)
+    except BaseException:
+        # A time limit or a shutdown: give the unsent rows back now rather than at the lease's end.
+        for out in waiting:
+            mark_retry(store, out.id, "interrupted before sending")
+        raise
+    return report
+
+
+def _record_failure(store: Store, nid: int, error: str, transient: bool, report: Report) -> None:
+    if transient and mark_retry(store, nid, error) == "pending":
+        report.retry.append(nid)
+    else:
+        if not transient:
+            mark_failed(store, nid, error)
+        report.failed.append(nid)
+        log.error("notification %s failed for good: %s", nid, error)
+
+
+def smtp_problem(config: Config) -> str | None:
+    """What check-config can tell about [smtp] without connecting: a credential variable not set here."""
+    s = config.settings.smtp
+    missing = [v for v in (s.username_env, s.password_env) if v and not os.environ.get(v)]
+    if missing:
+        return f"smtp: environment variable(s) {', '.join(missing)} not set here (needed where the notify task runs)"
+    if s.ca_file and not config.resolve_path(s.ca_file).is_file():
+        return f"smtp: ca_file {config.resolve_path(s.ca_file)} does not exist"
+    return None
+
