@@ -127,6 +127,33 @@ def run(mailboxes: tuple[str, ...], concurrency: int | None, metrics_port: int |
 
 @main.command()
 @config_option
+@click.option("--mailbox", "mailboxes", multiple=True, metavar="NAME",
+              help="Serve only this mailbox (repeatable); default: every IMAP IDLE and SMTP/LMTP mailbox.")
+def listen(mailboxes: tuple[str, ...]) -> None:
+    """IMAP IDLE fetchers and SMTP/LMTP listeners, in the foreground.
+
+    `pipeline run` starts these itself; run `listen` on its own to fetch and receive on
+    machines other than the workers'. SIGTERM or SIGINT stops it cleanly.
+    """
+    import signal
+    import threading
+
+    from pipeline.sources.serve import long_running, serve
+
+    rt = _runtime()
+    names = [rt.config.mailbox(name).name for name in mailboxes] or None
+    if not long_running(rt.config, names):
+        _fail("no mailbox to serve: `listen` serves IMAP mailboxes with idle = true and SMTP/LMTP "
+              "listeners (the others are fetched by the scheduled fetch task)", 1)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    serve(rt.config, names, stop)
+
+
+@main.command()
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def status(as_json: bool) -> None:
     """Mailboxes (last fetch, failing, outcomes), queues, lag and quarantine, for the whole fleet."""

@@ -5,6 +5,10 @@ beat child only while it holds the fleet's scheduler lock in Redis — so two ma
 running `pipeline run` never both schedule, and when the machine that schedules goes
 away another takes over within `SCHEDULER_LOCK_SECONDS`. SIGTERM or SIGINT stops the
 children cleanly (the worker finishes the tasks it has started) and releases the lock.
+
+The long-running sources — an IMAP IDLE fetcher per mailbox, an SMTP/LMTP listener per
+address — are children too (`pipeline listen --mailbox …`), one per unit, so one that
+crashes is restarted after `LISTENER_RESTART_SECONDS` without touching the others.
 """
 
 from __future__ import annotations
@@ -19,19 +23,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import redis
 
 from pipeline import metrics
 from pipeline.config import Config
 from pipeline.scheduler_lock import HELD_BY_PARENT_ENV, RENEW_EVERY, SchedulerLock
+from pipeline.sources.serve import units
 from pipeline.tasks.policy import QUEUES
 
 log = logging.getLogger("pipeline.run")
 
 STOP_GRACE_SECONDS = 60
+# A listener child that exited is started again after this long (it retries outages itself;
+# an exit means a bug or a port in use, which a tight restart loop would only flood the log with).
+LISTENER_RESTART_SECONDS = 5
 PR_SET_PDEATHSIG = 1
 
 
@@ -54,6 +62,10 @@ class Supervisor:
         self.metrics_port = metrics_port
         self.read_status = read_status
         self.lock = SchedulerLock(client, config)
+        # The mailboxes each long-running child serves -> its process, and when it may (re)start.
+        self.listeners: dict[tuple[str, ...], subprocess.Popen[bytes] | None] = {
+            tuple(unit): None for unit in units(config, mailboxes)}
+        self.listener_due: dict[tuple[str, ...], float] = {unit: 0.0 for unit in self.listeners}
 
     # -- children ------------------------------------------------------------------------
     def _env(self) -> dict[str, str]:
@@ -81,6 +93,23 @@ class Supervisor:
                                  env={HELD_BY_PARENT_ENV: "1"})
         log.info("this machine schedules for the fleet: beat started (pid %s)", self.beat.pid)
 
+    def tend_listeners(self) -> None:
+        """Start each long-running source child, and start it again after it exited."""
+        for unit, proc in self.listeners.items():
+            if proc is not None and proc.poll() is None:
+                continue
+            if proc is not None:
+                log.error("listener for %s exited with status %s; restarting in %ss", ", ".join(unit),
+                          proc.returncode, LISTENER_RESTART_SECONDS)
+                self.listeners[unit] = None
+                self.listener_due[unit] = time.monotonic() + LISTENER_RESTART_SECONDS
+                continue
+            if time.monotonic() >= self.listener_due[unit]:
+                args = [a for name in unit for a in ("--mailbox", name)]
+                self.listeners[unit] = subprocess.Popen([sys.executable, "-m", "pipeline", "listen", *args],
+                                                        env=self._env(), preexec_fn=_die_with_parent)
+                log.info("listener for %s started (pid %s)", ", ".join(unit), self.listeners[unit].pid)
+
     # -- the scheduler lock --------------------------------------------------------------
     def tend_scheduler(self) -> None:
         """Hold the lock and run beat, or wait for the lock while another machine holds it."""
@@ -104,6 +133,7 @@ class Supervisor:
         last_renew = 0.0
         try:
             while not self.stopping:
+                self.tend_listeners()
                 if time.monotonic() - last_renew >= RENEW_EVERY:
                     self.tend_scheduler()
                     last_renew = time.monotonic()
@@ -129,6 +159,13 @@ class Supervisor:
             _stop(self.beat)
             self.beat = None
         self._release()
+        for proc in self.listeners.values():
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)  # all at once: each closes its connections in parallel
+        for unit, proc in self.listeners.items():
+            if proc is not None:
+                _stop(proc)
+                self.listeners[unit] = None
         if self.worker is not None:
             _stop(self.worker)  # warm shutdown: tasks already started are finished
         shutil.rmtree(self.state_dir, ignore_errors=True)

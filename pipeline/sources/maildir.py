@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from sqlalchemy import select
 
@@ -17,12 +17,13 @@ def ensure_maildir(path: Path) -> None:
         (path / sub).mkdir(parents=True, exist_ok=True)
 
 
-def fetch_maildir(path: Path, mailbox: str, store: Store,
-                  journal: Callable[..., int]) -> list[int]:
+def fetch_maildir(path: Path, mailbox: str, store: Store, journal: Callable[..., int],
+                  keepalive: Callable[[], None] = lambda: None) -> list[int]:
     """Journal every mail in `new/` and move it to `cur/`; returns the journal ids to process.
 
     The move comes only after the journal commit. A crash between the two leaves the
     file in `new/`; the next fetch finds its name already journaled and only moves it.
+    `keepalive` is called after each mail (it renews the mailbox's fetch lock).
     """
     ensure_maildir(path)
     ids: list[int] = []
@@ -38,4 +39,5 @@ def fetch_maildir(path: Path, mailbox: str, store: Store,
         ids.append(known)  # processing is idempotent: a row journaled before a crash is processed now
         base = entry.name.split(":", 1)[0]
         os.replace(entry.path, path / "cur" / f"{base}:2,")
+        keepalive()
     return ids
