@@ -124,8 +124,13 @@ def test_a_worker_killed_mid_batch_leaves_every_mail_processed_exactly_once(
         worker = WorkerProcess(fleet_config.path, tmp_path / "worker2.log", env=env).start()
         app.send_task("pipeline.tasks.fetch.fetch_mailbox", args=["support"])
         app.send_task("pipeline.tasks.maintenance.reconcile", kwargs={"older_than_seconds": 0})
-        wait_until(lambda: _outcomes(store)[None] == 0 and sum(_outcomes(store).values()) == total, 120,
-                   f"not every mail was processed after the restart: {_outcomes(store)}")
+        try:
+            wait_until(lambda: _outcomes(store)[None] == 0 and sum(_outcomes(store).values()) == total, 180,
+                       "not every mail was processed after the restart")
+        except AssertionError as exc:  # say what the workers saw, for a failure that shows only under load
+            raise AssertionError(f"{exc}: {_outcomes(store)}\n--- killed worker ---\n"
+                                 f"{(tmp_path / 'worker.log').read_text()[-3000:]}\n--- new worker ---\n"
+                                 f"{worker.log()[-3000:]}") from None
     finally:
         worker.stop()
         app.close()
