@@ -30,20 +30,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from bench.pipeline import CONFIG as PIPELINE_CONFIG  # noqa: E402
 from bench.pipeline import DIRECTORY, _pg_database, corpus  # noqa: E402
 
-CONFIG = """
-[database]
-url = "{db}"
-
-[redis]
-url = "{redis}"
-key_prefix = "{prefix}"
-
-[[mailbox]]
-name = "support"
-address = "support@acme-helpdesk.example"
-
+# The in-process benchmark's configuration, with the Maildir the burst is dropped into.
+CONFIG = PIPELINE_CONFIG + """
 [mailbox.source]
 kind = "maildir"
 path = "{maildir}"
