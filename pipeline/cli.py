@@ -344,13 +344,18 @@ def notifications() -> None:
 @notifications.command(name="list")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def notifications_list(as_json: bool) -> None:
+@click.option("--status", type=click.Choice(["pending", "sending", "sent", "failed"]), default=None,
+              help="Only notifications in this state.")
+def notifications_list(as_json: bool, status: str | None) -> None:
+    """Notifications of the last 30 days, newest first: status, event, recipients, subject."""
     from pipeline.store.queries import list_notifications
 
     rt = _runtime()
     with rt.store().sessions() as session:
         rows = list_notifications(session)
     for row in rows:
+        if status and row["status"] != status:
+            continue
         if as_json:
             _emit(row)
         else:
@@ -362,6 +367,7 @@ def notifications_list(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @click.argument("notification_id", type=int, metavar="ID")
 def notifications_show(as_json: bool, notification_id: int) -> None:
+    """One notification: headers, status, attempts, the last error and the rendered text."""
     from pipeline.store.models import Notification
     from pipeline.store.queries import notification_json
 
@@ -369,13 +375,18 @@ def notifications_show(as_json: bool, notification_id: int) -> None:
     with rt.store().sessions() as session:
         n = session.get(Notification, notification_id)
         data = notification_json(n, with_body=True) if n else None
+        if n is not None:
+            data.update(roles={r.email: r.role for r in n.recipients}, attempts=n.attempts,
+                        last_error=n.last_error, body_html=n.body_html)
     if data is None:
         _fail(f"no notification {notification_id}", 1)
     if as_json:
         _emit(data)
         return
-    for key in ("id", "event", "status", "from", "to", "subject", "message_id", "in_reply_to", "references"):
-        click.echo(f"{key:>12}: {data[key]}")
+    for key in ("id", "event", "status", "attempts", "last_error", "from", "to", "subject", "message_id",
+                "in_reply_to", "references", "created_at", "sent_at"):
+        if data.get(key) is not None:
+            click.echo(f"{key:>12}: {data[key]}")
     click.echo("\n" + data["body_text"])
 
 
@@ -450,12 +461,21 @@ def quarantine_replay(as_json: bool, journal_id: int) -> None:
 @config_option
 @click.argument("path", required=False, type=click.Path(dir_okay=False))
 def check_config(path: str | None) -> None:
-    """Validate mailboxes.toml; exit 1 with one line naming file, line and key if it is broken."""
+    """Validate mailboxes.toml and every mailbox's notification templates; exit 1 naming file, line and key."""
+    from pipeline.notify.check import config_problems, config_warnings
+
     try:
         cfg = load_config(path or _runtime().config_path)
     except ConfigError as exc:
         click.echo(f"pipeline: error: {exc}", err=True)
         sys.exit(1)
+    problems = config_problems(cfg)
+    for problem in problems:
+        click.echo(f"pipeline: error: {problem}", err=True)
+    if problems:
+        sys.exit(1)
+    for warning in config_warnings(cfg):
+        click.echo(f"pipeline: warning: {warning}", err=True)
     names = ", ".join(f"{b.name} <{b.address}>" for b in cfg.mailboxes)
     click.echo(f"{cfg.path}: ok — {len(cfg.mailboxes)} mailbox(es): {names}")
 

@@ -190,7 +190,7 @@ def store_draft(session: Session, d: Draft, ctx: MailContext) -> Notification | 
     """Put a draft in the outbox, unless the loop breaker holds it back (then None, and the trace says why)."""
     if d.event in ANSWERS:
         settings = ctx.mailbox.notifications
-        for address, _ in d.recipients:
+        for address in (a for a, role in d.recipients if role == "sender"):
             sent = answers_in_window(session, address, settings.answer_window_seconds)
             if sent >= settings.answer_limit:
                 ctx.note("notify", f"no {d.event} to {address}",

@@ -94,11 +94,16 @@ def opted_out(session: Session, email: str) -> str | None:
 
 
 def answers_in_window(session: Session, email: str, window_seconds: int, now: datetime | None = None) -> int:
-    """Automatic answers written to `email` in the last `window_seconds`, across all mailboxes."""
+    """Automatic answers to mail from `email` in the last `window_seconds`, across all mailboxes.
+
+    Only answers to the address as a mail's sender count: a technician copied on many new
+    tickets as a queue member is no loop.
+    """
     since = (now or datetime.now(timezone.utc)) - timedelta(seconds=window_seconds)
     return session.scalar(
         select(func.count()).select_from(Notification).join(NotificationRecipient)
-        .where(NotificationRecipient.email == email, Notification.event.in_(ANSWERS),
+        .where(NotificationRecipient.email == email, NotificationRecipient.role == "sender",
+               Notification.event.in_(ANSWERS),
                Notification.created_at >= since)
     ) or 0
 

@@ -183,7 +183,7 @@ def check_event(event: str, folder: str | None, tag: str, number: str) -> list[s
     except TemplateProblem as exc:
         return [f"{_where(env, event + '.txt')}: {exc}"]
     except TemplateError as exc:
-        return [f"{_where(env, event + '.txt')}: does not render: {exc}"]
+        return [f"{_failing_line(exc) or _where(env, event + '.txt')}: does not render: {exc}"]
     if event not in ("sender_rejected",) and tag not in rendered.subject:
         # The loop depends on it: a reply whose client keeps the subject threads by the tag.
         problems.append(f"{_where(env, event + '.txt')}:1: the subject must carry the tag "
@@ -204,6 +204,18 @@ def _where(env: SandboxedEnvironment, name: str) -> str:
         return env.loader.get_source(env, name)[1] or name
     except TemplateError:
         return name
+
+
+def _failing_line(exc: BaseException) -> str | None:
+    """'file:line' of the template frame that raised: Jinja puts template lines into the traceback."""
+    tb = exc.__traceback__
+    found = None
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if name.endswith((".txt", ".html")):
+            found = f"{name}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return found
 
 
 def _line_of(source: str, var: str) -> int:

@@ -1,0 +1,98 @@
+"""Loops: a simulated customer auto-responder answers every mail mailloop sends it, back into mailloop.
+
+The responder is an SMTP peer (aiosmtpd on loopback): each notification it receives, it
+answers at once, as the kind of system named by the test would. The test runs the
+exchange to its end and counts the mails each side sent: bounded, and then quiet.
+"""
+
+from __future__ import annotations
+
+import itertools
+from email.message import EmailMessage
+from typing import Callable
+
+import pytest
+from sqlalchemy import func, select
+
+from pipeline.process import MailProcessor
+from pipeline.store.models import Ticket
+from tests.conftest import make_mail
+from tests.notify.helpers import send_pending, without_number
+from tests.notify.smtp import SmtpServer
+
+Responder = Callable[[EmailMessage], bytes]
+
+
+def rfc3834_auto_reply(msg: EmailMessage) -> bytes:
+    """A well-behaved out-of-office: marks itself, keeps subject and threading."""
+    return make_mail(subject="Automatic reply: " + msg["Subject"], body="I am out of the office until Monday.\n",
+                     headers={"Auto-Submitted": "auto-replied", "In-Reply-To": msg["Message-ID"]})
+
+
+def naive_auto_reply(msg: EmailMessage) -> bytes:
+    """An unmarked responder: looks like a person answering."""
+    return make_mail(subject="Re: " + msg["Subject"], body="Thank you, we will get back to you.\n",
+                     headers={"In-Reply-To": msg["Message-ID"], "References": msg["Message-ID"]})
+
+
+def mangling_auto_reply(msg: EmailMessage) -> bytes:
+    """Drops our tag and every threading header; keeps the rest of the subject."""
+    return make_mail(subject="Re: " + without_number(msg["Subject"]), body="Received.\n")
+
+
+_case = itertools.count(1001)
+
+
+def other_helpdesk(msg: EmailMessage) -> bytes:
+    """Another ticketing system: a new case, a new subject and no threading for every mail it gets."""
+    return make_mail(from_="Othercorp Helpdesk <helpdesk@othercorp.example>",
+                     subject=f"Case {next(_case)}: we have received your request", body="A case was opened.\n")
+
+
+def run_exchange(processor: MailProcessor, store, config, smtp: SmtpServer, first: bytes,
+                 respond: Responder, max_rounds: int = 50) -> tuple[int, int]:
+    """Deliver, let the responder answer into mailloop, repeat until nobody sends; (ours, theirs)."""
+    answers: list[bytes] = []
+    smtp.inbox.on_mail = lambda got: answers.append(respond(got.message))
+    processor.ingest("support", first)
+    ours = theirs = 0
+    for _ in range(max_rounds):
+        ours += len(send_pending(store, config).sent)
+        batch, answers[:] = list(answers), []
+        theirs += len(batch)
+        for raw in batch:
+            processor.ingest("support", raw)
+        if not batch:
+            return ours, theirs
+    raise AssertionError(f"still exchanging mail after {max_rounds} rounds: {ours} sent, {theirs} answers")
+
+
+@pytest.mark.parametrize("respond, first_from, expected", [
+    (rfc3834_auto_reply, "Jane Doe <jane@acme.example>", (1, 1)),
+    (naive_auto_reply, "Jane Doe <jane@acme.example>", (1, 1)),
+    (mangling_auto_reply, "Jane Doe <jane@acme.example>", (1, 1)),
+    # New subjects every time beat the loop guard; the answer limit (5 per hour) ends it.
+    (other_helpdesk, "Othercorp Helpdesk <helpdesk@othercorp.example>", (5, 5)),
+], ids=["rfc3834", "naive", "mangling", "other_helpdesk"])
+def test_an_auto_responder_and_mailloop_exchange_a_bounded_number_of_mails_then_stop(
+        processor: MailProcessor, store, config, smtp: SmtpServer, respond: Responder, first_from: str,
+        expected: tuple[int, int]) -> None:
+    first = make_mail(from_=first_from, subject="Printer jams", body="Page 2 jams.\n")
+
+    assert run_exchange(processor, store, config, smtp, first, respond) == expected
+
+    # Quiet afterwards: nothing left in the outbox, nothing more arrives.
+    assert send_pending(store, config).sent == []
+    assert smtp.inbox.count() == expected[0]
+    with store.sessions() as s:
+        tickets = s.scalar(select(func.count()).select_from(Ticket))
+    assert tickets == (expected[1] + 1 if respond is other_helpdesk else 1)
+
+
+def test_the_loop_guard_discards_a_flood_with_one_subject_and_answers_none_of_it(
+        processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    outcomes = [processor.ingest("support", make_mail(subject="Backup failed", body=f"run {i}\n")).outcome
+                for i in range(6)]
+    send_pending(store, config)
+    assert outcomes == ["ticket_created", "note_added"] + ["discarded"] * 4
+    assert smtp.inbox.count() == 1

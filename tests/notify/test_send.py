@@ -1,0 +1,199 @@
+"""The closed loop over real SMTP (aiosmtpd on loopback): what arrives, with which headers, how often."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import select, update
+
+from pipeline.notify.send import MAX_ATTEMPTS, deliver
+from pipeline.parsers.references import find_ticket_number
+from pipeline.process import MailProcessor
+from pipeline.store.models import Contact, Notification
+from pipeline.store.queries import show_ticket
+from tests.conftest import fixture_bytes, make_mail
+from tests.notify.helpers import outbox, send_pending, without_number
+from tests.notify.smtp import SmtpServer
+
+T0 = datetime(2026, 11, 23, 9, 0, tzinfo=timezone.utc)
+
+
+def test_a_new_ticket_sends_one_notification_to_the_sender_with_the_number_in_the_subject(
+        processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    result = processor.ingest("support", fixture_bytes("new_ticket_plain.eml"), received_at=T0)
+    number = result.entity["number"]
+
+    report = send_pending(store, config)
+
+    assert len(report.sent) == 1
+    [got] = smtp.inbox.received
+    assert got.rcpt_tos == ["jane@acme.example"]
+    assert got.mail_from == "support@msp.example"
+    msg = got.message
+    assert msg["Subject"] == f"[Ticket#{number}] Outlook keeps asking for my password"
+    assert find_ticket_number(msg["Subject"], config.settings.numbering) == number
+    assert msg["From"] == "MSP Service Desk <support@msp.example>"
+    assert msg["Reply-To"] == "support@msp.example"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert msg["X-Auto-Response-Suppress"] == "All"
+    assert msg["In-Reply-To"] == "<jane-outlook-pw-20261123@mail.acme.example>"
+    assert msg["References"].split()[-1] == "<jane-outlook-pw-20261123@mail.acme.example>"
+    [row] = outbox(store)
+    assert msg["Message-ID"] == row.message_id  # recorded before sending
+    assert (row.status, row.attempts) == ("sent", 1) and row.sent_at is not None
+    # Both parts; the HTML one escapes what it shows.
+    assert msg.get_content_type() == "multipart/alternative"
+    text = msg.get_body(("plain",)).get_content()
+    html = msg.get_body(("html",)).get_content()
+    assert number in text and f"[Ticket#{number}]" in text
+    assert f"<b>{number}</b>" in html
+
+
+def test_a_reply_built_from_the_captured_notification_without_the_number_becomes_a_note(
+        processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    number = processor.ingest("support", fixture_bytes("new_ticket_plain.eml"), received_at=T0).entity["number"]
+    send_pending(store, config)
+    notification = smtp.inbox.received[0].message
+
+    # Jane's client drops the tag and the number, but keeps the threading headers.
+    subject = "Re: " + without_number(notification["Subject"])
+    assert number not in subject
+    reply = make_mail(subject=subject, body="It still asks, even after the restart.\n",
+                      headers={"In-Reply-To": notification["Message-ID"],
+                               "References": f"{notification['References']} {notification['Message-ID']}"})
+    result = processor.ingest("support", reply, received_at=T0 + timedelta(minutes=5))
+
+    assert (result.outcome, result.entity) == ("note_added", {"type": "ticket", "number": number})
+    assert any(s.stage == "resolve" and "answers our notification" in s.why for s in result.trace)
+    with store.sessions() as s:
+        notes = show_ticket(s, number)["notes"]
+    assert [n["body"] for n in notes] == ["It still asks, even after the restart."]
+
+
+def test_a_stranger_holding_our_message_id_only_by_guessing_gets_a_new_ticket(
+        processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    number = processor.ingest("support", fixture_bytes("new_ticket_plain.eml"), received_at=T0).entity["number"]
+    forged = f"<mailloop+ticket+{number}+n1+0123456789abcdef@msp.example>"  # right form, never sent
+    raw = make_mail(from_="eve@evil.example", subject="Re: hello", body="Let me in.\n",
+                    headers={"In-Reply-To": forged, "References": forged})
+    result = processor.ingest("support", raw, received_at=T0 + timedelta(minutes=1))
+    assert result.outcome == "ticket_created" and result.entity["number"] != number
+
+
+def test_an_auto_reply_gets_no_notification(processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    result = processor.ingest("support", fixture_bytes("out_of_office.eml"), received_at=T0)
+
+    assert result.outcome == "ticket_created"
+    assert send_pending(store, config).sent == []
+    assert smtp.inbox.received == [] and outbox(store) == []
+    assert any(s.stage == "notify" and "auto-reply" in s.why for s in result.trace)
+
+
+def test_an_opted_out_contact_gets_none(processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    with store.transaction() as s:
+        s.execute(update(Contact).where(Contact.email == "jane@acme.example").values(notifications=False))
+
+    result = processor.ingest("support", make_mail(subject="VPN drops every hour"), received_at=T0)
+
+    assert result.outcome == "ticket_created"
+    send_pending(store, config)
+    assert smtp.inbox.received == [] and outbox(store) == []
+    assert any("opted out" in s.why for s in result.trace if s.stage == "notify")
+
+
+def test_with_the_smtp_server_down_it_is_retried_and_arrives_exactly_once_when_it_is_back(
+        processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    smtp.stop()
+    processor.ingest("support", make_mail(subject="Scanner offline"), received_at=T0)
+
+    first = send_pending(store, config)
+    [row] = outbox(store)
+    assert first.retry == [row.id] and first.sent == []
+    assert row.status == "pending" and row.attempts == 1
+    assert "Connection refused" in row.last_error and row.next_attempt_at is not None
+    second = deliver(store, config, [row.id])  # the task's retry, server still down
+    assert second.retry == [row.id]
+
+    smtp.start()
+    third = deliver(store, config, [row.id])
+    again = deliver(store, config, [row.id])  # a duplicate task, or the sweep, comes late
+
+    assert third.sent == [row.id] and again.skipped == [row.id]
+    assert smtp.inbox.count() == 1
+    [row] = outbox(store)
+    assert (row.status, row.attempts, row.last_error) == ("sent", 3, None)
+
+
+def test_a_refused_recipient_fails_for_good_and_is_not_retried(
+        processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    smtp.inbox.refuse.add("jane@acme.example")
+    processor.ingest("support", make_mail(subject="Keyboard missing keys"), received_at=T0)
+
+    report = send_pending(store, config)
+
+    [row] = outbox(store)
+    assert report.failed == [row.id] and row.status == "failed"
+    assert "550" in row.last_error and "no such user" in row.last_error
+    assert deliver(store, config, [row.id]).skipped == [row.id]
+    assert smtp.inbox.received == []
+
+
+def test_one_refused_recipient_does_not_hold_back_the_others(
+        processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    smtp.inbox.refuse.add("jane@acme.example")
+    processor.ingest("support", make_mail(subject="Keyboard missing keys"), received_at=T0)
+    processor.ingest("support", make_mail(from_="Kim Lee <kim.lee@fabrikam.example>", subject="Mouse"),
+                     received_at=T0)
+
+    report = send_pending(store, config)
+
+    assert (len(report.failed), len(report.sent)) == (1, 1)
+    assert [r.rcpt_tos for r in smtp.inbox.received] == [["kim.lee@fabrikam.example"]]
+
+
+def test_a_row_claimed_by_a_live_sender_is_left_alone_until_its_lease_runs_out(
+        processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    processor.ingest("support", make_mail(subject="Docking station"), received_at=T0)
+    [row] = outbox(store)
+    now = datetime.now(timezone.utc)
+    with store.transaction() as s:  # another sender claimed it a moment ago, then died
+        s.execute(update(Notification).where(Notification.id == row.id).values(
+            status="sending", lease_until=now + timedelta(seconds=120), attempts=1))
+
+    assert deliver(store, config, [row.id]).skipped == [row.id]
+    assert smtp.inbox.received == []
+    later = deliver(store, config, [row.id], now=now + timedelta(seconds=121))
+
+    assert later.sent == [row.id] and smtp.inbox.count() == 1
+    [row] = outbox(store)
+    assert smtp.inbox.received[0].message["Message-ID"] == row.message_id  # the resend keeps it
+
+
+def test_a_row_out_of_attempts_is_failed_not_retried_forever(
+        processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    smtp.stop()
+    processor.ingest("support", make_mail(subject="Projector"), received_at=T0)
+    [row] = outbox(store)
+    with store.transaction() as s:
+        s.execute(update(Notification).where(Notification.id == row.id).values(attempts=MAX_ATTEMPTS - 1))
+
+    report = deliver(store, config, [row.id])
+
+    [row] = outbox(store)
+    assert report.failed == [row.id] and row.status == "failed"
+    assert row.last_error.startswith(f"gave up after {MAX_ATTEMPTS} attempts")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_notifications_are_sent_in_order_over_one_connection(
+        processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    for i in range(20):
+        processor.ingest("support", make_mail(from_=f"user{i}@acme.example", subject=f"Issue {i}"), received_at=T0)
+
+    report = send_pending(store, config)
+
+    assert len(report.sent) == 20
+    assert [r.rcpt_tos[0] for r in smtp.inbox.received] == [f"user{i}@acme.example" for i in range(20)]
+    with store.sessions() as s:
+        assert set(s.scalars(select(Notification.status))) == {"sent"}
