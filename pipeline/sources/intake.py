@@ -101,7 +101,7 @@ class IntakeHandler:
             redis_down = None
         except redis.RedisError as exc:
             redis_down = f"451 4.3.0 Redis unavailable, try again later ({_one_line(exc)})"
-        for box in unique(boxes):
+        for box in {box.name: box for box in boxes}.values():  # a mailbox named twice takes the mail once
             if redis_down:
                 statuses[box.name] = redis_down
             elif len(raw) > box.source.max_message_bytes:

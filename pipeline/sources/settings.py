@@ -67,7 +67,7 @@ class SourceSettings(SettingsModel):
             raise ValueError("a Maildir source needs 'path'")
         if self.kind in ("imap", "pop3"):
             if not self.host or not self.username:
-                raise ValueError(f"an {self.kind.upper()} source needs 'host' and 'username'")
+                raise ValueError(f"{'an' if self.kind == 'imap' else 'a'} {self.kind.upper()} source needs 'host' and 'username'")
             if self.auth == "password" and not self.password_env:
                 raise ValueError("password login needs 'password_env', the environment variable holding it")
             if self.auth == "xoauth2" and bool(self.oauth_token_env) == bool(self.oauth_token_command):
