@@ -75,7 +75,8 @@ class SmtpServer:
     def start(self) -> "SmtpServer":
         kwargs: dict = {}
         if self.tls is not None:
-            kwargs["ssl_context"] = self.tls
+            # aiosmtpd counts only STARTTLS as TLS for AUTH; on an implicit-TLS port everything is.
+            kwargs.update(ssl_context=self.tls, auth_require_tls=False)
         if self.starttls is not None:
             kwargs.update(tls_context=self.starttls, require_starttls=True)
         if self.login is not None:
