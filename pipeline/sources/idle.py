@@ -91,6 +91,11 @@ class IdleFetcher:
                 self.stop.wait(1)
             except LostLock:
                 log.warning("mailbox %s: the fetch lock passed to another fetcher; waiting", self.box.name)
+            except Exception:  # a bug must not silently end this mailbox's fetching
+                log.exception("mailbox %s: the IMAP fetcher failed; starting again in %ss", self.box.name,
+                              BACKOFF_MAX_SECONDS)
+                self._release()
+                self.stop.wait(BACKOFF_MAX_SECONDS)
         self._release()
         log.info("mailbox %s: IMAP fetcher stopped", self.box.name)
 
@@ -140,11 +145,9 @@ class IdleFetcher:
                     self._sleep_renewing(self.box.source.poll_seconds)
                 if not self.stop.is_set():
                     self._pass(imap)
-            except PermanentSourceError:
+            except (PermanentSourceError, TransientSourceError, LostLock):
                 raise
-            except LostLock:
-                raise
-            except Exception as exc:  # noqa: BLE001 - classify() re-raises what is not a source error
+            except Exception as exc:  # classify() re-raises what is not a source error
                 raise classify(exc, self.box) from None
 
     def _idle(self, imap: IMAPClient) -> None:
@@ -163,9 +166,9 @@ class IdleFetcher:
     def _pass(self, imap: IMAPClient) -> None:
         try:
             result = fetch_pass(imap, self.box, self.store, self.state, self.sink)
-        except (LostLock, PermanentSourceError):
+        except (LostLock, PermanentSourceError, TransientSourceError):
             raise
-        except Exception as exc:  # noqa: BLE001 - classify() re-raises what is not a source error
+        except Exception as exc:  # classify() re-raises what is not a source error
             raise classify(exc, self.box) from None
         record_fetch(self.redis, self.config, self.box.name, datetime.now(UTC))
         if result.journaled or result.failed:

@@ -87,14 +87,14 @@ def connect(box: MailboxConfig, config: Config) -> IMAPClient:
 def _shut(client: IMAPClient) -> None:
     try:
         client.shutdown()
-    except Exception:  # noqa: BLE001, S110 - already gone: nothing left to close
+    except Exception:  # already gone: nothing left to close
         pass
 
 
 def logout(client: IMAPClient) -> None:
     try:
         client.logout()
-    except Exception:  # noqa: BLE001 - a dropped connection needs no goodbye
+    except Exception:  # a dropped connection needs no goodbye
         _shut(client)
 
 
@@ -185,7 +185,7 @@ def _fetch_batch(client: IMAPClient, box: MailboxConfig, uidvalidity: int, batch
             ids.append(sink.journal(box.name, raw, source_ref=refs[uid]))
         except Unavailable:
             raise  # the store is down: stop here, nothing of this batch is moved, the next pass resumes
-        except Exception as exc:  # noqa: BLE001 - one mail the store refuses must not block the others
+        except Exception as exc:  # one mail the store refuses must not block the others
             log.exception("mailbox %s: UID %s could not be journaled", box.name, uid)
             failed[uid] = f"not journaled: {type(exc).__name__}: {exc}"
             continue

@@ -113,10 +113,14 @@ class IntakeHandler:
                 except CannotRun as exc:
                     log.warning("%s intake for %s: answering 451: %s", self.listener.kind.upper(), box.name, exc)
                     statuses[box.name] = f"451 4.3.0 Cannot take the mail now, try again later ({_one_line(exc)})"
+                except Exception:  # a bug here must not bounce the mail: answer 451, the MTA keeps it
+                    log.exception("%s intake for %s: journal write failed; answering 451",
+                                  self.listener.kind.upper(), box.name)
+                    statuses[box.name] = "451 4.3.0 Cannot take the mail now, try again later"
         if ids:
             try:
                 self.sink.enqueue(ids)
-            except Exception as exc:  # noqa: BLE001 - journaled is safe: reconciliation enqueues it once the broker is back
+            except Exception as exc:  # journaled is safe: reconciliation enqueues it once the broker is back
                 log.warning("journaled #%s but could not enqueue it (%s); reconciliation will", ids, exc)
         return statuses
 

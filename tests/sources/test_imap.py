@@ -147,7 +147,12 @@ def test_a_server_crash_and_restart_in_the_middle_of_a_fetch_loses_nothing_and_d
     assert any("connection lost" in r.getMessage() or "cannot connect" in r.getMessage() for r in caplog.records)
     rows = journal_rows(store)
     assert len(rows) == total and len({ref for ref, _ in rows}) == total
-    assert dovecot.message_ids("support", "Processed") == [f"<laptop-{i:03d}@acme.example>" for i in range(total)]
+    processed = dovecot.message_ids("support", "Processed")
+    assert sorted(set(processed)) == [f"<laptop-{i:03d}@acme.example>" for i in range(total)]
+    # Dovecot's MOVE is a copy and an expunge: a crash between the two leaves the batch in
+    # both folders, and moving it again after the restart leaves a second copy in Processed.
+    # That is the server's copy, never a second journal row or ticket; at most one batch.
+    assert len(processed) - total <= 20
     for journal_id in range(1, total + 1):
         processor.process(journal_id)
     assert outcomes(store) == {"ticket_created": total}
