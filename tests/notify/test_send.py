@@ -197,3 +197,19 @@ def test_notifications_are_sent_in_order_over_one_connection(
     assert [r.rcpt_tos[0] for r in smtp.inbox.received] == [f"user{i}@acme.example" for i in range(20)]
     with store.sessions() as s:
         assert set(s.scalars(select(Notification.status))) == {"sent"}
+
+
+def test_a_bounce_of_our_notification_lands_on_its_ticket_and_is_never_answered(
+        processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    number = processor.ingest("support", fixture_bytes("new_ticket_plain.eml"), received_at=T0).entity["number"]
+    send_pending(store, config)
+    ours = smtp.inbox.received[0].message["Message-ID"]
+    # The returned headers are all that tie it to the ticket: no number anywhere in the subjects.
+    bounce = (fixture_bytes("bounce_dsn.eml").replace(b"<other@msp.example>", ours.encode())
+              .replace(b"[Ticket#T20261123.0001] ", b""))
+
+    result = processor.ingest("support", bounce, received_at=T0 + timedelta(minutes=1))
+
+    assert (result.outcome, result.entity["number"]) == ("note_added", number)
+    assert send_pending(store, config).sent == []
+    assert smtp.inbox.count() == 1
