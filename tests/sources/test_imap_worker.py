@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from celery import Celery
+from celery import Celery, current_app
 from sqlalchemy import func, select
 
 from pipeline.store.db import Store
@@ -50,7 +50,9 @@ def test_a_worker_killed_between_journal_and_imap_move_leaves_each_mail_processe
     env = {**{v: PASSWORDS[u] for u, v in PASSWORD_ENV.items()}}
     with private_redis(tmp_path / "broker") as broker:
         env["CELERY_BROKER_URL"] = broker
-        app: Celery = create_app(config)
+        previous = current_app._get_current_object()
+        app: Celery = create_app(config)  # a new app makes itself current …
+        previous.set_current()  # … which in-process enqueues of later tests must not inherit
         app.conf.broker_url = broker
         worker = WorkerProcess(config.path, tmp_path / "worker.log", env=env).start()
         try:
