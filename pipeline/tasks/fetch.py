@@ -70,7 +70,7 @@ def fetch_mailbox(mailbox: str) -> int:
         report_failure(client, rt.config, mailbox, str(exc))
         return 0
     except OSError as exc:  # the Maildir is gone or unreadable: not transient, tell the operator
-        report_failure(client, rt.config, mailbox, f"cannot read its Maildir: {type(exc).__name__}: {exc}")
+        report_failure(client, rt.config, mailbox, f"{type(exc).__name__}: {exc}")
         return 0
     finally:
         lock.release()
