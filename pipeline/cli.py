@@ -463,13 +463,14 @@ def quarantine_replay(as_json: bool, journal_id: int) -> None:
 def check_config(path: str | None) -> None:
     """Validate mailboxes.toml and every mailbox's notification templates; exit 1 naming file, line and key."""
     from pipeline.notify.check import config_problems, config_warnings
+    from pipeline.sources.settings import missing_secrets
 
     try:
         cfg = load_config(path or _runtime().config_path)
     except ConfigError as exc:
         click.echo(f"pipeline: error: {exc}", err=True)
         sys.exit(1)
-    problems = config_problems(cfg)
+    problems = config_problems(cfg) + missing_secrets(cfg)  # a fetcher without its password cannot log in
     for problem in problems:
         click.echo(f"pipeline: error: {problem}", err=True)
     if problems:

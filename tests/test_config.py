@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,20 @@ def test_every_command_refuses_a_broken_config_with_one_line(tmp_path) -> None:
     assert proc.returncode == 75
     assert proc.stderr.decode().strip() == (f"pipeline: error: {bad}:2: database.url: "
                                            "input should be a valid string, got 5")
+
+
+def test_check_config_names_a_secret_variable_that_is_not_set(tmp_path) -> None:
+    path = tmp_path / "mailboxes.toml"
+    path.write_text('[[mailbox]]\nname = "helpdesk"\naddress = "helpdesk@msp.example"\n\n'
+                    '[mailbox.source]\nkind = "imap"\nhost = "imap.msp.example"\nusername = "helpdesk"\n'
+                    'password_env = "MAILLOOP_TEST_UNSET_IMAP_PASSWORD"\n')
+    env = {k: v for k, v in os.environ.items() if k != "MAILLOOP_TEST_UNSET_IMAP_PASSWORD"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "check-config", str(path)], capture_output=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert "mailbox[0] (helpdesk).source.password_env" in err
+    assert "MAILLOOP_TEST_UNSET_IMAP_PASSWORD is not set" in err
+
+    ok = run_cli("check-config", str(path), env={"MAILLOOP_TEST_UNSET_IMAP_PASSWORD": "s3cret"})
+    assert ok.returncode == 0, ok.stderr.decode()

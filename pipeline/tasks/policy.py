@@ -58,8 +58,6 @@ TIME_LIMITS = {
     "maintenance": (120, 180),
 }
 
-# A fetch holds its mailbox's lock at most this long, whatever happens to the worker.
-FETCH_LOCK_SECONDS = TIME_LIMITS["fetch"][1] + 30
 
 # Redis broker: an unacknowledged (late-ack) task is handed out again after this long.
 # It must exceed the longest hard time limit and retry countdown above.

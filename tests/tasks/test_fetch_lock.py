@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery import current_app
 
 import pipeline.tasks
+from pipeline.tasks.app import create_app
 from pipeline.tasks.fetch import fetch_mailbox
 from tests.conftest import make_mail
 
@@ -22,7 +24,13 @@ def maildir_config(make_config, store, tmp_path: Path, monkeypatch):
     config = make_config(source=f'{{ kind = "maildir", path = "{maildir}" }}')
     monkeypatch.setenv("PIPELINE_CONFIG", str(config.path))
     monkeypatch.setattr(pipeline.tasks, "_runtime", None)
+    # The fetch enqueues through the current Celery app: make it one of this configuration's.
+    previous = current_app._get_current_object()
+    app = create_app(config)
+    app.set_current()
     yield config, maildir
+    previous.set_current()
+    app.close()
     if pipeline.tasks._runtime is not None:
         pipeline.tasks._runtime.close()
 
