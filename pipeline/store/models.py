@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -85,6 +86,7 @@ class Ticket(Base):
     number: Mapped[str] = mapped_column(String(40), unique=True)
     title: Mapped[str] = mapped_column(String(500))
     description: Mapped[str] = mapped_column(Text, default="")
+    description_html: Mapped[str | None] = mapped_column(Text)  # sanitized (D8)
     status: Mapped[str] = mapped_column(String(40), default="New", index=True)
     priority: Mapped[str] = mapped_column(String(20), default="Medium")
     queue_id: Mapped[int | None] = mapped_column(ForeignKey("queues.id"))
@@ -151,6 +153,7 @@ class Note(Base):
     author_name: Mapped[str] = mapped_column(String(200), default="")
     author_email: Mapped[str] = mapped_column(String(320), default="")
     body: Mapped[str] = mapped_column(Text, default="")
+    body_html: Mapped[str | None] = mapped_column(Text)  # sanitized (D8)
     # Internal notes are never shown or sent to customers (D8).
     internal: Mapped[bool] = mapped_column(Boolean, default=False)
     journal_id: Mapped[int | None] = mapped_column(ForeignKey("journal.id"))
@@ -186,6 +189,9 @@ class Attachment(Base):
     size: Mapped[int] = mapped_column(Integer)
     content_id: Mapped[str | None] = mapped_column(String(255))
     data: Mapped[bytes] = mapped_column(LargeBinary)
+    # Over the mailbox's size limit: recorded without its data, and why (the mail is still processed).
+    skipped_reason: Mapped[str | None] = mapped_column(String(200))
+    inline: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class TimelineEntry(Base):
@@ -206,7 +212,8 @@ class JournalEntry(Base):
     """One received mail, written before its source may forget it (D1.1)."""
 
     __tablename__ = "journal"
-    __table_args__ = (Index("ix_journal_outcome", "outcome"),)
+    __table_args__ = (Index("ix_journal_outcome", "outcome"),
+                      Index("ix_journal_mailbox_source_ref", "mailbox", "source_ref"))
     id: Mapped[int] = mapped_column(primary_key=True)
     mailbox: Mapped[str] = mapped_column(String(200), index=True)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)

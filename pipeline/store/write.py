@@ -55,6 +55,7 @@ def write_mail(session: Session, ctx: MailContext) -> None:
             title=title[:500],
             # An unverified mail never speaks to customers: its text goes to an internal note.
             description="" if target.internal else text,
+            description_html=None if target.internal else mail.body_html_sanitized,
             status=defaults.status,
             status_changed_at=utc(ctx.received_at),
             priority=defaults.priority,
@@ -96,7 +97,8 @@ def write_mail(session: Session, ctx: MailContext) -> None:
         session.add(Attachment(
             entity_type=entity_type, entity_id=entity_id, note_id=note.id if note else None,
             journal_id=ctx.journal_id, filename=part.filename, content_type=part.content_type,
-            size=part.size, content_id=part.content_id, data=part.data,
+            size=part.size, content_id=part.content_id, data=b"" if part.skipped else part.data,
+            skipped_reason=part.skipped, inline=part.inline,
         ))
     # The store refuses the same mail twice: a concurrent duplicate fails here (D1.5.1).
     session.add(ProcessedMail(identity=ctx.identity, journal_id=ctx.journal_id))
@@ -156,7 +158,8 @@ def _queue_id(session: Session, name: str | None) -> int | None:
 
 def _note(session: Session, ctx: MailContext, entity_type: str, entity_id: int, body: str, internal: bool) -> Note:
     note = Note(entity_type=entity_type, entity_id=entity_id, author_name=ctx.sender.name or "",
-                author_email=ctx.sender.address, body=body, internal=internal, journal_id=ctx.journal_id)
+                author_email=ctx.sender.address, body=body, internal=internal, journal_id=ctx.journal_id,
+                body_html=ctx.parsed.body_html_sanitized)
     session.add(note)
     session.flush()
     return note
