@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.attribute import decide_sender
 from pipeline.commands import command_authority, parse_commands, parse_customer_answer
-from pipeline.context import MailContext, StopMail, Target
+from pipeline.context import MailContext, Sender, StopMail, Target
 from pipeline.dedup.loop_guard import LoopGuard
 from pipeline.lifecycle import effective_status, settings_for
 from pipeline.notify.plan import status_changed_notice
@@ -80,7 +80,24 @@ class Attribute:
     name = "attribute"
 
     def __call__(self, ctx: MailContext, env: StageEnv) -> None:
-        address = ctx.parsed.from_address
+        ctx.sender = self._who(ctx, env, ctx.parsed.from_address, ctx.parsed.from_name)
+        forwarded = ctx.parsed.forwarded
+        if (ctx.sender.kind == "resource" and ctx.trust.passed and forwarded is not None
+                and forwarded.from_address and forwarded.from_address != ctx.parsed.from_address):
+            # A technician forwarded a customer's mail (Outlook's Forward, not a redirect): the
+            # customer is the sender. Only for an authenticated resource, or anyone could forward
+            # a mail to speak as a customer.
+            forwarder = ctx.sender.address
+            ctx.sender = self._who(ctx, env, forwarded.from_address, forwarded.from_name)
+            ctx.sender.why = f"forwarded by {forwarder}: {ctx.sender.why}"
+        decision = ctx.sender.kind if ctx.sender.policy == "accept" else ctx.sender.policy
+        if ctx.sender.kind == "resource" and not ctx.trust.passed:
+            decision = "unverified resource"
+            ctx.no_answer = "mail from a resource address that failed the trust policy"
+        ctx.note(self.name, decision, ctx.sender.why)
+
+    @staticmethod
+    def _who(ctx: MailContext, env: StageEnv, address: str, name: str) -> Sender:
         policy = ctx.mailbox.unknown_sender
         resource = env.lookups.resource(address)
         contact = None if resource else env.lookups.contact(address)
@@ -88,8 +105,8 @@ class Attribute:
         if not resource and not contact:
             domain_account = env.lookups.account_by_domain(address.rsplit("@", 1)[-1])
             default = env.lookups.account_by_name(policy.default_account)
-        ctx.sender = decide_sender(
-            address, ctx.parsed.from_name,
+        return decide_sender(
+            address, name,
             resource=resource and (resource.id, resource.name),
             contact=contact and (contact.id, contact.name, contact.account_id, contact.account.name),
             domain_account=domain_account and (domain_account.id, domain_account.name),
@@ -97,11 +114,6 @@ class Attribute:
             policy=policy,
             public_domains_extra=ctx.config.settings.directory.public_domains_extra,
         )
-        decision = ctx.sender.kind if ctx.sender.policy == "accept" else ctx.sender.policy
-        if ctx.sender.kind == "resource" and not ctx.trust.passed:
-            decision = "unverified resource"
-            ctx.no_answer = "mail from a resource address that failed the trust policy"
-        ctx.note(self.name, decision, ctx.sender.why)
 
 
 class Extract:
@@ -201,6 +213,11 @@ class AlreadyProcessed:
     name = "already_processed"
 
     def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        if env.lookups.is_our_notification(ctx.parsed.message_id):
+            # Our own notification came back (a forwarding rule, a Cc to another mailbox): it is
+            # in the store already, and answering it would start a loop.
+            ctx.note(self.name, "our own notification", f"{ctx.parsed.message_id} was sent by this mailloop")
+            raise StopMail("discarded", "our own notification came back")
         journal_id = env.lookups.processed_by(ctx.identity)
         if journal_id is not None and journal_id != ctx.journal_id:
             ctx.note(self.name, "already processed", f"same mail as journal #{journal_id}")

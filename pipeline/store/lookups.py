@@ -85,6 +85,13 @@ class Lookups:
         p = self.session.scalar(select(Project).where(Project.number == ref.number))
         return p and EntityInfo("project", p.id, p.number, "In Progress", p.account_id, None)
 
+    def is_our_notification(self, message_id: str | None) -> bool:
+        """Is this the Message-ID of a notification we wrote (so the mail is our own, come back)?"""
+        if not message_id:
+            return False
+        return self.session.scalar(
+            select(Notification.id).where(Notification.message_id == message_id).limit(1)) is not None
+
     def sent_by_us(self, message_ids: list[str], entity: EntityInfo) -> bool:
         """Is one of `message_ids` a notification we sent about `entity`?"""
         if not message_ids:
