@@ -92,6 +92,17 @@ authserv_ids = ["mx.msp.example"]
 """
 
 
+@pytest.fixture(autouse=True)
+def _restore_current_celery_app():
+    """A test that builds an app (create_app) makes it Celery's current one; a later test's
+    in-process `task.delay()` would then use that test's broker, long gone. Put the previous one back."""
+    from celery import _state
+
+    before = _state.get_current_app()
+    yield
+    before.set_current()
+
+
 @pytest.fixture(scope="session")
 def pg_database() -> str:
     name = f"mailloop_test_{os.getpid()}"
@@ -195,9 +206,9 @@ def make_mail(from_: str = "Jane Doe <jane@acme.example>", subject: str = "Print
               to: str = "support@msp.example", headers: dict[str, str] | None = None,
               top_headers: list[str] | None = None) -> bytes:
     """A plain mail as a client would send it; `top_headers` are raw lines put above everything."""
+    from datetime import datetime, timezone
     from email.message import EmailMessage
     from email.utils import format_datetime, make_msgid
-    from datetime import datetime, timezone
 
     msg = EmailMessage()
     msg["From"] = from_

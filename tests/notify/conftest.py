@@ -11,17 +11,6 @@ from pipeline.config import Config
 from tests.notify.smtp import SmtpServer
 
 
-@pytest.fixture(autouse=True)
-def _restore_current_celery_app() -> Iterator[None]:
-    """A test that builds an app (create_app) makes it Celery's current one; a later test's
-    `task.delay()` would then use this test's broker, long gone. Put the previous one back."""
-    from celery import _state
-
-    before = _state.get_current_app()
-    yield
-    before.set_current()
-
-
 @pytest.fixture
 def smtp() -> Iterator[SmtpServer]:
     server = SmtpServer().start()
