@@ -108,6 +108,17 @@ class DuplicateTicketRule(_Model):
     rule: Literal["note", "link", "new"] = "note"
 
 
+class AlertSettings(_Model):
+    """How alert mail claimed by an RMM stage is correlated (D9, pipeline/parsers/rmm/)."""
+
+    # An alert that fires again within this many seconds of its recovery reopens the same ticket
+    # (flapping) instead of opening a new one.
+    flap_window_seconds: int = Field(1800, ge=0)
+    # Repeats of an open alert: the first adds a note, later ones only count on the ticket
+    # (alert_repeat_count, alert_last_seen_at); with N > 0 every Nth repeat adds a note too.
+    repeat_note_every: int = Field(0, ge=0)
+
+
 class TrustPolicy(_Model):
     # authserv-ids whose Authentication-Results are believed (D8).
     authserv_ids: list[str] = []
@@ -141,6 +152,12 @@ class MailboxConfig(_Model):
     sla_pause_in_waiting_customer: bool = False
     notifications: NotificationSettings = NotificationSettings()
     parser_stages: list[str] = ["ticket_number", "reply_reference"]
+    # Settings per parser stage, by its name: `[mailbox.stage_settings.datto_rmm]` (D9). A stage
+    # reads its own table with `ctx.stage_settings(self.name)`.
+    stage_settings: dict[str, dict[str, Any]] = {}
+    # Plug-ins this mailbox cannot run without: start fails naming one that is not installed.
+    require_stages: list[str] = []
+    alerts: AlertSettings = AlertSettings()
     # Attachments larger than this are recorded as skipped, with the reason; the mail is still
     # processed. None: no limit.
     max_attachment_bytes: int | None = Field(25 * 1024 * 1024, ge=0)
@@ -269,6 +286,12 @@ def _check_parser_stages(settings: Settings, text: str, name: str) -> None:
     from pipeline.registry import stage_problem
 
     for i, box in enumerate(settings.mailbox):
+        for stage in box.require_stages:
+            problem = stage_problem(stage)
+            if problem:
+                line = locate_key(text, ["mailbox", i, "require_stages"])
+                raise ConfigError(f"{name}:{line}: mailbox[{i}].require_stages: required plug-in stage "
+                                  f"{stage!r} is not installed: {problem}")
         for stage in box.parser_stages:
             problem = stage_problem(stage)
             if problem:

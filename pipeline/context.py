@@ -124,6 +124,10 @@ class MailContext:
     outcome: Outcome | None = None
     entity: dict[str, str | None] | None = None
 
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """The mailbox's `[mailbox.stage_settings.<stage>]` table; {} when it has none."""
+        return dict(self.mailbox.stage_settings.get(stage, {}))
+
     def note(self, stage: str, decision: str, why: str = "") -> None:
         self.trace.append(TraceStep(stage, decision, why))
 

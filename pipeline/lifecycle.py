@@ -28,7 +28,7 @@ from pipeline.commands import DEFAULT_RESOLUTION, CustomerAnswer
 from pipeline.config import STATUSES, Config, MailboxConfig
 from pipeline.store.models import Resource, Ticket, TimelineEntry
 
-Actor = Literal["resource", "customer", "system"]
+Actor = Literal["resource", "customer", "system", "monitor"]
 
 OPEN = ("New", "In Progress", "Waiting Customer", "Waiting Until")
 SYSTEM = "system"  # the `who` of scheduled transitions in the timeline
@@ -51,6 +51,12 @@ TRANSITIONS: dict[Actor, dict[str, frozenset[str]]] = {
         "Waiting Until": frozenset({"New"}),  # the date came
         "Resolved": frozenset({"Closed"}),  # the feedback window ended
         "Waiting Customer": frozenset({"Closed"}),  # auto-close: no answer for N days
+    },
+    # An RMM's alert mail on its own ticket (D9): a recovery completes it; the alert firing
+    # again soon after (flapping) reopens it. Never a Closed ticket.
+    "monitor": {
+        **{s: frozenset({"Resolved"}) for s in OPEN},
+        "Resolved": frozenset({"New"}),
     },
 }
 

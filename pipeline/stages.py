@@ -10,6 +10,7 @@ no database, Redis or Celery; `env` gives a stage the reads and the Redis it nee
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Protocol
 
 from sqlalchemy.orm import Session
@@ -18,10 +19,11 @@ from pipeline.attribute import decide_sender
 from pipeline.commands import command_authority, parse_commands, parse_customer_answer
 from pipeline.context import MailContext, Sender, StopMail, Target
 from pipeline.dedup.loop_guard import LoopGuard
-from pipeline.lifecycle import effective_status, settings_for
+from pipeline.lifecycle import effective_status, settings_for, utc
 from pipeline.notify.plan import status_changed_notice
 from pipeline.parsers.mime import Unparseable, mail_identity, parse_mail
 from pipeline.parsers.references import answered_message_ids
+from pipeline.parsers.rmm import AlertRecord, alert_of
 from pipeline.parsers.subject import normalise_subject
 from pipeline.registry import build_parser_stages
 from pipeline.store.apply import apply_changes
@@ -151,6 +153,10 @@ class Resolve:
     name = "resolve"
 
     def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        alert = alert_of(ctx)
+        if alert is not None:
+            self._alert(ctx, env, alert)
+            return
         sender = ctx.sender
         unverified = sender.kind == "resource" and not ctx.trust.passed
         for ref in ctx.references:
@@ -177,6 +183,25 @@ class Resolve:
             ctx.target.why += "; unverified sender: internal note only"
         ctx.note(self.name, "note on " + ctx.target.number if ctx.target.kind == "existing" else "new ticket",
                  ctx.target.why)
+
+    def _alert(self, ctx: MailContext, env: StageEnv, alert: AlertRecord) -> None:
+        """Alert mail: the account is the alert's site/customer; the ticket is found by alert key.
+
+        D8's rule on who may write into a ticket is about people. An RMM stage claims a mail only
+        when its sender matches the vendor's configured sender (pipeline/parsers/rmm), and that
+        monitoring system is the documented exception: its ticket is the one its alert key names
+        (DuplicateTicketRule), although the RMM is nobody's contact.
+        """
+        account = env.lookups.account_by_name(alert.site) if alert.site else None
+        ctx.sender = Sender(
+            ctx.parsed.from_address, ctx.parsed.from_name, kind="unknown",
+            account_id=account.id if account else None, account_name=account.name if account else None,
+            account_is_default=account is None, policy="accept",
+            why=(f"alert for site {alert.site!r}: account {account.name}" if account else
+                 f"alert for site {alert.site!r}: no account of that name, the mailbox's default"),
+        )
+        ctx.target = Target("new_ticket", why=f"alert mail ({alert.vendor}): found by alert key, not by reference")
+        ctx.note(self.name, "alert", ctx.sender.why)
 
     @staticmethod
     def _closed(ctx: MailContext, entity: EntityInfo) -> str | None:
@@ -290,6 +315,10 @@ class DuplicateTicketRule:
     name = "duplicate_ticket"
 
     def __call__(self, ctx: MailContext, env: StageEnv) -> None:
+        alert = alert_of(ctx)
+        if alert is not None:
+            self._alert(ctx, env, alert)
+            return
         if ctx.target.kind != "new_ticket" or ctx.references or ctx.target.internal:
             ctx.note(self.name, "not applicable", "the mail refers to an entity" if ctx.references
                      else "not a new customer conversation")
@@ -313,6 +342,27 @@ class DuplicateTicketRule:
         ctx.note(self.name, {"note": f"note on {ticket.number}", "link": f"new ticket linked to {ticket.number}",
                              "new": "new ticket"}[rule], f"open ticket {ticket.number} has the same subject; "
                  f"mailbox rule is {rule!r}")
+
+
+    def _alert(self, ctx: MailContext, env: StageEnv, alert: AlertRecord) -> None:
+        """The duplicate-ticket rule by alert key: the open ticket for vendor + device + alert (D9)."""
+        if not ctx.dry_run:
+            lock_conversation(env.session, "alert:" + alert.key)  # a storm's first mails make one ticket
+        flap = ctx.mailbox.alerts.flap_window_seconds
+        ticket = env.lookups.alert_ticket(alert.key, utc(ctx.received_at) - timedelta(seconds=flap))
+        if ticket is None and alert.recovered:
+            ctx.note(self.name, "discard", f"recovery of {alert.key}: no open ticket for this alert")
+            raise StopMail("discarded", f"recovery without an open alert ticket ({alert.key})")
+        if ticket is None:
+            ctx.note(self.name, "new alert ticket", f"no open ticket for {alert.key}")
+            return
+        if alert.recovered and ticket.status == "Resolved":
+            ctx.note(self.name, "discard", f"{ticket.number} has recovered already")
+            raise StopMail("discarded", f"repeated recovery of {ticket.number}")
+        what = ("recovery" if alert.recovered else
+                "fired again after recovery (flapping)" if ticket.status == "Resolved" else "repeat")
+        ctx.target = Target("existing", "ticket", ticket.id, ticket.number, why=f"alert {what} of {alert.key}")
+        ctx.note(self.name, f"{what} on {ticket.number}", f"same vendor, device and alert: {alert.key}")
 
 
 class Write:

@@ -11,7 +11,9 @@ from sqlalchemy.orm import Session
 from pipeline.commands import Command, CommandFailure
 from pipeline.context import MailContext
 from pipeline.lifecycle import (
+    OPEN,
     SYSTEM,
+    Move,
     apply_move,
     assign,
     customer_move,
@@ -24,6 +26,7 @@ from pipeline.lifecycle import (
     utc,
 )
 from pipeline.notify.plan import command_failed_notice, resolved_notice
+from pipeline.parsers.rmm import AlertRecord, alert_of
 from pipeline.store.models import (
     Resource,
     Ticket,
@@ -48,6 +51,12 @@ def apply_changes(session: Session, ctx: MailContext) -> None:
     existing = ticket if ticket is not None and not w.created else None
     if existing is not None:
         _catch_up(session, ctx, existing, now)
+    alert = alert_of(ctx)
+    if alert is not None:
+        # A monitoring system's mail is no customer's answer and carries no commands (D9).
+        if existing is not None:
+            _alert_move(session, ctx, existing, alert, now)
+        return
     before = ticket.status if ticket is not None else None
     authenticated = ctx.sender.kind == "resource" and ctx.trust.passed
     if existing is not None and authenticated:
@@ -63,6 +72,21 @@ def apply_changes(session: Session, ctx: MailContext) -> None:
         _customer(session, ctx, existing, now)
     if failures:
         command_failed_notice(session, ctx, failures)
+
+
+def _alert_move(session: Session, ctx: MailContext, ticket: Ticket, alert: AlertRecord, now: datetime) -> None:
+    """A recovery completes the alert's ticket; the alert firing again soon after reopens it (flapping)."""
+    settings = settings_for(ctx.config, ticket.source_mailbox)
+    who = ctx.sender.address
+    if alert.recovered and ticket.status in OPEN:
+        move = Move("Resolved", "alert recovered", "monitor", resolution="alert recovered")
+        apply_move(session, ticket, move, who=who, now=now, settings=settings, journal_id=ctx.journal_id)
+        ticket.recovered_at = now
+        ctx.note("apply", f"{ticket.number}: Resolved", f"recovery of {alert.key}")
+    elif not alert.recovered and ticket.status == "Resolved":
+        move = Move("New", "alert fired again after recovery (flapping)", "monitor")
+        apply_move(session, ticket, move, who=who, now=now, settings=settings, journal_id=ctx.journal_id)
+        ctx.note("apply", f"{ticket.number}: New", f"{alert.key} fired again within the flap window")
 
 
 def _catch_up(session: Session, ctx: MailContext, ticket: Ticket, now: datetime) -> None:

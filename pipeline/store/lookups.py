@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -131,3 +132,18 @@ class Lookups:
             .order_by(Ticket.id.desc())
             .limit(1)
         )
+
+    def alert_ticket(self, alert_key: str, recovered_since: datetime) -> Ticket | None:
+        """The newest ticket for this alert that is open, or Resolved by a recovery since `recovered_since`.
+
+        The second is flapping: the alert fired again soon after it recovered (D9).
+        """
+        ticket = self.session.scalar(
+            select(Ticket).where(Ticket.alert_key == alert_key, Ticket.status.in_(OPEN_STATUSES + ("Resolved",)))
+            .order_by(Ticket.id.desc()).limit(1))
+        if ticket is None or ticket.status in OPEN_STATUSES:
+            return ticket
+        recovered = ticket.recovered_at
+        if recovered is not None and recovered.tzinfo is None:  # SQLite returns naive UTC
+            recovered = recovered.replace(tzinfo=recovered_since.tzinfo)
+        return ticket if recovered is not None and recovered >= recovered_since else None

@@ -116,6 +116,12 @@ class Ticket(Base):
     # clock runs) and the seconds paused in earlier waits.
     sla_paused_at: Mapped[datetime | None] = mapped_column()
     sla_paused_seconds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Alert tickets (D9, pipeline/parsers/rmm/): the correlation key (vendor:device:alert), how
+    # often the alert repeated while open and when it was last seen, and when it last recovered.
+    alert_key: Mapped[str | None] = mapped_column(String(300), index=True)
+    alert_repeat_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    alert_last_seen_at: Mapped[datetime | None] = mapped_column()
+    recovered_at: Mapped[datetime | None] = mapped_column()
 
     account: Mapped[Account] = relationship()
     contact: Mapped[Contact | None] = relationship()

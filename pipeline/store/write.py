@@ -10,10 +10,12 @@ from sqlalchemy.orm import Session
 from pipeline.commands import not_applied_text, parse_commands
 from pipeline.context import MailContext, Written
 from pipeline.lifecycle import (
+    OPEN,
     utc,
 )
 from pipeline.notify.plan import plan_notifications, store_draft
 from pipeline.parsers.references import tag_pattern
+from pipeline.parsers.rmm import AlertRecord, alert_of
 from pipeline.parsers.subject import normalise_subject, ticket_title
 from pipeline.store.models import (
     Account,
@@ -42,6 +44,9 @@ def write_mail(session: Session, ctx: MailContext) -> None:
         return
 
     now = datetime.now(timezone.utc)
+    alert = alert_of(ctx)
+    if alert is not None and target.kind == "existing" and _alert_repeat_counted(session, ctx, alert):
+        return
     account_id, contact = _sender_records(session, ctx)
     who = ctx.sender.address
     numbering = ctx.config.settings.numbering
@@ -67,6 +72,8 @@ def write_mail(session: Session, ctx: MailContext) -> None:
             category=defaults.category,
             subject_key=normalise_subject(mail.subject)[:500],
             linked_ticket_id=target.link_to_ticket_id,
+            alert_key=alert.key if alert else None,
+            alert_last_seen_at=utc(ctx.received_at) if alert else None,
         )
         session.add(ticket)
         session.flush()
@@ -107,6 +114,29 @@ def write_mail(session: Session, ctx: MailContext) -> None:
     ctx.note("write", f"{ctx.outcome.replace('_', ' ')}: {number}",
              f"{len(mail.attachments)} attachment(s)" + ("; internal note" if target.internal else ""))
     session.flush()
+
+
+def _alert_repeat_counted(session: Session, ctx: MailContext, alert: AlertRecord) -> bool:
+    """Count an alert's repeat on its ticket; True when that is all (no note): a storm is not a flood.
+
+    The first repeat adds a note (someone should see that it is still firing), later ones only
+    count, unless the mailbox asks for a note every Nth repeat. A recovery, and a repeat that
+    reopens a recovered ticket (flapping), always add their note.
+    """
+    if alert.recovered:
+        return False
+    ticket = session.get(Ticket, ctx.target.entity_id)
+    ticket.alert_repeat_count = (ticket.alert_repeat_count or 0) + 1
+    ticket.alert_last_seen_at = utc(ctx.received_at)
+    n, every = ticket.alert_repeat_count, ctx.mailbox.alerts.repeat_note_every
+    if n == 1 or ticket.status not in OPEN or (every and n % every == 0):
+        return False
+    ctx.outcome, ctx.entity = "note_added", {"type": "ticket", "number": ticket.number}
+    ctx.written = Written("ticket", ticket.id, ticket.number, None, created=False, text="")
+    session.add(ProcessedMail(identity=ctx.identity, journal_id=ctx.journal_id))
+    ctx.note("write", f"repeat {n} counted on {ticket.number}", "no note: repeats of an open alert only count")
+    session.flush()
+    return True
 
 
 def mail_text(ctx: MailContext, body: str) -> str:
