@@ -24,7 +24,13 @@ from typing import Iterator
 
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session, selectinload
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from pipeline.config import Config
 from pipeline.notify.settings import SmtpSettings
@@ -54,9 +60,11 @@ class Report:
     retry: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)  # already sent, or claimed by another sender
+    # Set when the server did not answer in time: other senders should not wait on it too.
+    timed_out: bool = False
 
     def as_json(self) -> dict[str, int]:
-        return {k: len(v) for k, v in vars(self).items()}
+        return {k: len(v) for k, v in vars(self).items() if isinstance(v, list)}
 
 
 def utcnow() -> datetime:
@@ -225,8 +233,12 @@ def smtp_connection(config: Config) -> Iterator[smtplib.SMTP]:
     a longer outage is the task's retry policy's business."""
     s = config.settings.smtp
     client = None
+    # Not a refusal (the server is down: asking again at once only costs worker time, and an SMTP
+    # outage must never starve the process queue) nor a timeout (it has cost its seconds already).
+    blip = retry_if_exception_type(CONNECTION_ERRORS) & retry_if_not_exception_type(
+        (ConnectionRefusedError, TimeoutError))
     for attempt in Retrying(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=0.25, max=1),
-                            retry=retry_if_exception_type(CONNECTION_ERRORS), reraise=True):
+                            retry=blip, reraise=True):
         with attempt:
             client = _connect(s, config)
     assert client is not None
@@ -284,6 +296,7 @@ def deliver(store: Store, config: Config, ids: list[int], *, lease_seconds: floa
         # Server down, connection lost, TLS or login refused: the rest waits for a retry. The
         # one in flight may have arrived without our seeing the 250; its resend keeps its Message-ID.
         error = f"{type(exc).__name__}: {exc}".strip()
+        report.timed_out = isinstance(exc, TimeoutError)
         log.warning("smtp %s:%s: %s; %d notification(s) wait for a retry", config.settings.smtp.host,
                     config.settings.smtp.port, error, len(waiting))
         for out in waiting:

@@ -23,6 +23,9 @@ log = logging.getLogger("pipeline.tasks.notify")
 LEASE_SECONDS = TIME_LIMITS["notify"][1] + 30
 # How many rows one send task carries (one SMTP connection).
 SEND_BATCH = 50
+# After a connection timed out, sends wait this long before trying the server again; the rows
+# stay pending meanwhile and the task's retries or the sweep send them.
+BREAKER_SECONDS = 15
 
 
 @shared_task(name="pipeline.tasks.notify.send_notifications", autoretry_for=(SmtpUnavailable, Unavailable),
@@ -34,10 +37,16 @@ def send_notifications(notification_ids: list[int], now: str | None = None) -> d
     """
     rt = runtime()
     clock = datetime.fromisoformat(now) if now else None
+    breaker = f"{rt.config.settings.redis.key_prefix}smtp:not-answering"
+    if rt.redis().exists(breaker):
+        # Another sender just waited out a timeout: don't tie up this worker slot as well.
+        raise SmtpUnavailable("the SMTP server did not answer a moment ago")
     try:
         report = deliver(rt.store(), rt.config, notification_ids, lease_seconds=LEASE_SECONDS, now=clock)
     except TRANSIENT as exc:
         raise Unavailable(f"notifications wait for the store: {exc}") from None
+    if report.timed_out:
+        rt.redis().set(breaker, "1", ex=BREAKER_SECONDS)
     if report.sent or report.failed:
         log.info("notifications: %s", report.as_json())
     if report.retry:
