@@ -34,7 +34,11 @@ from bench.pipeline import CONFIG as PIPELINE_CONFIG  # noqa: E402
 from bench.pipeline import DIRECTORY, _pg_database, corpus  # noqa: E402
 
 # The in-process benchmark's configuration, with the Maildir the burst is dropped into.
-CONFIG = PIPELINE_CONFIG + """
+CONFIG = PIPELINE_CONFIG.replace("[[mailbox]]", """[smtp]
+host = "127.0.0.1"
+port = {smtp_port}
+
+[[mailbox]]""") + """
 [mailbox.source]
 kind = "maildir"
 path = "{maildir}"
@@ -89,7 +93,7 @@ def _fresh(args, workdir: Path):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
     config_path = workdir / "mailboxes.toml"
     config_path.write_text(CONFIG.format(db=url, redis=args.redis, prefix=f"mailloop-bench:{uuid.uuid4().hex}:",
-                                         maildir=maildir), encoding="utf-8")
+                                         maildir=maildir, smtp_port=args.smtp_port), encoding="utf-8")
     (workdir / "directory.toml").write_text(DIRECTORY, encoding="utf-8")
     config = load_config(config_path)
     store = Store(config.database_url)
@@ -191,11 +195,24 @@ def main() -> None:
     args = ap.parse_args()
 
     mails = corpus(args.n, args.corpus / str(args.n))
-    print(f"corpus: {len(mails)} mails; PostgreSQL store, Redis broker ({args.broker})")
+    # Every new ticket sends a notification: a real SMTP server takes them, as in production.
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.handlers import Sink
+
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        args.smtp_port = probe.getsockname()[1]
+    sink = Controller(Sink(), hostname="127.0.0.1", port=args.smtp_port)
+    sink.start()
+    print(f"corpus: {len(mails)} mails; PostgreSQL store, Redis broker ({args.broker}), "
+          f"notifications to an SMTP sink on :{args.smtp_port}")
     for processes in args.workers:
         burst(args, mails, processes)
     if args.rate > 0:
         steady(args, mails, args.steady_workers)
+    sink.stop()
 
 
 if __name__ == "__main__":
