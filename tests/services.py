@@ -42,14 +42,14 @@ class PrivateRedis:
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                                       "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: _connects(self.port), 10, "private redis-server did not start")
+        wait_until(lambda: accepts(self.port), 10, "private redis-server did not start")
         return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
-        wait_until(lambda: not _connects(self.port), 10, "private redis-server did not stop")
+        wait_until(lambda: not accepts(self.port), 10, "private redis-server did not stop")
 
 
 @contextmanager
@@ -99,7 +99,8 @@ class PrivatePostgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _connects(port: int) -> bool:
+def accepts(port: int) -> bool:
+    """Does something listen on this loopback port?"""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
         return True

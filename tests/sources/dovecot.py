@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -26,7 +25,7 @@ from urllib.parse import parse_qs
 import pytest
 from imapclient import IMAPClient
 
-from tests.services import free_port, wait_until
+from tests.services import accepts, free_port, wait_until
 
 INSTALL_HINT = ("Dovecot is needed by the IMAP/POP3 tests and is not installed: run "
                 "`apt-get update && apt-get install -y dovecot-imapd dovecot-pop3d` (scripts/test does)")
@@ -179,7 +178,7 @@ service lmtp {{
                                      stdout=subprocess.DEVNULL, stderr=(self.dir / "stderr.log").open("ab"),
                                      start_new_session=True)
         try:
-            wait_until(lambda: _accepts(self.imaps_port) and _accepts(self.pop3s_port), 20,
+            wait_until(lambda: accepts(self.imaps_port) and accepts(self.pop3s_port), 20,
                        "Dovecot did not start")
         except AssertionError:
             raise AssertionError(f"Dovecot did not start:\n{self.log()}") from None
@@ -189,14 +188,14 @@ service lmtp {{
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(30)
-        wait_until(lambda: not _accepts(self.imaps_port), 10, "Dovecot did not stop")
+        wait_until(lambda: not accepts(self.imaps_port), 10, "Dovecot did not stop")
 
     def crash(self) -> None:
         """SIGKILL to the whole server: every open connection is cut mid-command."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
-        wait_until(lambda: not _accepts(self.imaps_port), 10, "Dovecot did not die")
+        wait_until(lambda: not accepts(self.imaps_port), 10, "Dovecot did not die")
 
     def destroy(self) -> None:
         self.stop()
@@ -240,13 +239,6 @@ service lmtp {{
         return sorted(v[b"BODY[HEADER.FIELDS (MESSAGE-ID)]"].decode().split(":", 1)[1].strip()
                       for v in data.values())
 
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 def wait_for(predicate, timeout: float, message: str) -> None:

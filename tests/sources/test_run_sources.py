@@ -16,7 +16,7 @@ import redis
 
 from pipeline.store.db import Store
 from tests.conftest import make_mail, run_cli
-from tests.services import free_port, private_redis, wait_until
+from tests.services import accepts, free_port, private_redis, wait_until
 from tests.sources.conftest import imap_source, outcomes, ticket_titles, write_config
 from tests.sources.dovecot import Dovecot
 from tests.test_run import _processes_using
@@ -40,7 +40,7 @@ def test_run_serves_an_idle_mailbox_and_an_smtp_listener_and_stops_them_on_sigte
         try:
             wait_until(lambda: outcomes(store)["ticket_created"] == 1, 60,
                        "the mail waiting in the IMAP folder did not become a ticket")
-            wait_until(lambda: _accepts(port), 30, "the SMTP listener did not come up")
+            wait_until(lambda: accepts(port), 30, "the SMTP listener did not come up")
             with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
                 smtp.sendmail("kim.lee@fabrikam.example", ["billing@msp.example"],
                               make_mail(from_="Kim Lee <kim.lee@fabrikam.example>", to="billing@msp.example",
@@ -62,14 +62,5 @@ def test_run_serves_an_idle_mailbox_and_an_smtp_listener_and_stops_them_on_sigte
     assert ticket_titles(store) == ["Invoice 2211 twice", "Printer jams again", "Wi-Fi down in room 4"]
     assert dovecot.count("support", "Processed") == 2
     assert not redis_client.exists(f"{key_prefix}lock:fetch:support")  # released for the next machine
-    assert not _accepts(port)
+    assert not accepts(port)
 
-
-def _accepts(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
