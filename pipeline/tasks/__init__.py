@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Iterator
 
 from celery.signals import (
     beat_init,
@@ -21,10 +24,29 @@ from celery.signals import (
 )
 
 from pipeline import logs, metrics
-
 from pipeline.runtime import Runtime
 
 _runtime: Runtime | None = None
+
+
+def clock(now: str | None) -> datetime:
+    """A task's clock: `now` (ISO 8601) when a test or a catch-up sets it, else the wall clock."""
+    return datetime.fromisoformat(now) if now else datetime.now(timezone.utc)
+
+
+@contextmanager
+def store_or_retry(what: str) -> Iterator[None]:
+    """The database or Redis being down is no task's fault: turn it into `Unavailable`, which
+    every task retries under the bounded policy."""
+    from pipeline.errors import CannotRun
+    from pipeline.process import TRANSIENT, Unavailable
+
+    try:
+        yield
+    except Unavailable:
+        raise
+    except (*TRANSIENT, CannotRun) as exc:  # CannotRun: the store was unreachable when first opened
+        raise Unavailable(f"{what} waits for the store: {exc}") from None
 
 
 def runtime() -> Runtime:

@@ -8,9 +8,9 @@ from datetime import datetime, timedelta, timezone
 from celery import shared_task
 
 from pipeline.lifecycle import run_scheduled_transitions
-from pipeline.process import TRANSIENT, Unavailable
+from pipeline.process import Unavailable
 from pipeline.store.journal import unprocessed_ids
-from pipeline.tasks import runtime
+from pipeline.tasks import clock, runtime, store_or_retry
 from pipeline.tasks.policy import PROCESS_BATCH, RECONCILE_AFTER, RETRY, task_options
 from pipeline.tasks.process import enqueue
 
@@ -27,7 +27,7 @@ def reconcile(older_than_seconds: float | None = None) -> int:
     that is merely slow and gets enqueued twice is still processed once.
     """
     age = RECONCILE_AFTER if older_than_seconds is None else timedelta(seconds=older_than_seconds)
-    with runtime().store().sessions() as session:
+    with store_or_retry("reconcile"), runtime().store().sessions() as session:
         ids = unprocessed_ids(session, datetime.now(timezone.utc) - age)
     if ids:
         enqueue(ids, PROCESS_BATCH)
@@ -42,12 +42,9 @@ def scheduled_transitions(now: str | None = None) -> dict[str, int]:
 
     `now` (ISO 8601) sets the clock, for a test or to catch up; beat leaves it to the wall clock.
     """
-    clock = datetime.fromisoformat(now) if now else datetime.now(timezone.utc)
-    try:
-        with runtime().store().transaction() as session:
-            counts = run_scheduled_transitions(session, runtime().config, clock)
-    except TRANSIENT as exc:
-        raise Unavailable(f"scheduled transitions wait for the store: {exc}") from None
+    at = clock(now)
+    with store_or_retry("scheduled transitions"), runtime().store().transaction() as session:
+        counts = run_scheduled_transitions(session, runtime().config, at)
     if any(counts.values()):
-        log.info("scheduled transitions at %s: %s", clock.isoformat(), counts)
+        log.info("scheduled transitions at %s: %s", at.isoformat(), counts)
     return counts

@@ -8,13 +8,13 @@ never claimed again), so the tasks run with late acknowledgement.
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import datetime
 
 from celery import shared_task
 
 from pipeline.notify.send import SmtpUnavailable, deliver, due, purge
-from pipeline.process import TRANSIENT, Unavailable
-from pipeline.tasks import runtime
+from pipeline.process import Unavailable
+from pipeline.tasks import clock, runtime, store_or_retry
 from pipeline.tasks.policy import RETRY, TIME_LIMITS, task_options
 
 log = logging.getLogger("pipeline.tasks.notify")
@@ -36,15 +36,13 @@ def send_notifications(notification_ids: list[int], now: str | None = None) -> d
     `now` (ISO 8601) is the clock leases are judged by; only a sweep given a clock passes one on.
     """
     rt = runtime()
-    clock = datetime.fromisoformat(now) if now else None
+    when = datetime.fromisoformat(now) if now else None
     breaker = f"{rt.config.settings.redis.key_prefix}smtp:not-answering"
     if rt.redis().exists(breaker):
         # Another sender just waited out a timeout: don't tie up this worker slot as well.
         raise SmtpUnavailable("the SMTP server did not answer a moment ago")
-    try:
-        report = deliver(rt.store(), rt.config, notification_ids, lease_seconds=LEASE_SECONDS, now=clock)
-    except TRANSIENT as exc:
-        raise Unavailable(f"notifications wait for the store: {exc}") from None
+    with store_or_retry("sending notifications"):
+        report = deliver(rt.store(), rt.config, notification_ids, lease_seconds=LEASE_SECONDS, now=when)
     if report.timed_out:
         rt.redis().set(breaker, "1", ex=BREAKER_SECONDS)
     if report.sent or report.failed:
@@ -61,12 +59,8 @@ def sweep(now: str | None = None) -> int:
 
     `now` (ISO 8601) sets the clock, for a test or to catch up; beat leaves it to the wall clock.
     """
-    clock = datetime.fromisoformat(now) if now else datetime.now(timezone.utc)
-    try:
-        with runtime().store().sessions() as session:
-            ids = due(session, clock)
-    except TRANSIENT as exc:
-        raise Unavailable(f"the sweep waits for the store: {exc}") from None
+    with store_or_retry("the sweep"), runtime().store().sessions() as session:
+        ids = due(session, clock(now))
     enqueue(ids, now)
     if ids:
         log.info("sweep: %d notification(s) handed to senders", len(ids))
@@ -77,12 +71,8 @@ def sweep(now: str | None = None) -> int:
              **RETRY, **task_options("notify", idempotent=True))
 def purge_history(now: str | None = None) -> int:
     """Delete notifications older than 30 days; returns how many."""
-    clock = datetime.fromisoformat(now) if now else datetime.now(timezone.utc)
-    try:
-        with runtime().store().transaction() as session:
-            count = purge(session, clock)
-    except TRANSIENT as exc:
-        raise Unavailable(f"the purge waits for the store: {exc}") from None
+    with store_or_retry("the purge"), runtime().store().transaction() as session:
+        count = purge(session, clock(now))
     if count:
         log.info("purged %d notification(s) older than 30 days", count)
     return count
