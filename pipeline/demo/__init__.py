@@ -147,9 +147,9 @@ def _technician_mail(number: str) -> bytes:
     msg = _base("Tom Tech", "tom@msp.example", f"RE: [Ticket#{number}] Printer on the 3rd floor keeps jamming",
                 "Fuser unit ordered, I will swap it tomorrow morning.\n\n-- \nTom Tech, MSP Service Desk")
     # Added by our own receiving server, above its Received: line: the trust policy believes it.
-    msg["Authentication-Results"] = ("mx.msp.example; dkim=pass header.d=msp.example; "
-                                     "dmarc=pass header.from=msp.example")
-    return (b"Received: from laptop.msp.example by mx.msp.example (Postfix) with ESMTPSA id 9AbC;\r\n"
+    return (b"Authentication-Results: mx.msp.example; dkim=pass header.d=msp.example;\r\n"
+            b" dmarc=pass header.from=msp.example\r\n"
+            b"Received: from laptop.msp.example by mx.msp.example (Postfix) with ESMTPSA id 9AbC;\r\n"
             b" " + format_datetime(datetime.now(timezone.utc)).encode() + b"\r\n" + msg.as_bytes())
 
 
