@@ -81,8 +81,10 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1000
 
 
-def _fresh(args, workdir: Path):
-    """A new PostgreSQL database, configuration and directory; returns (config path, store, drop)."""
+def _fresh(args, workdir: Path, mailbox_extra: str = ""):
+    """A new PostgreSQL database, configuration and directory; returns (config path, config, store, drop).
+
+    `mailbox_extra`: more keys for the mailbox's table (e.g. its parser stages)."""
     from pipeline.config import load_config
     from pipeline.store.db import Store
     from pipeline.store.directory import load_directory
@@ -92,8 +94,10 @@ def _fresh(args, workdir: Path):
     for sub in ("new", "cur", "tmp"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
     config_path = workdir / "mailboxes.toml"
-    config_path.write_text(CONFIG.format(db=url, redis=args.redis, prefix=f"mailloop-bench:{uuid.uuid4().hex}:",
-                                         maildir=maildir, smtp_port=args.smtp_port), encoding="utf-8")
+    text = CONFIG.format(db=url, redis=args.redis, prefix=f"mailloop-bench:{uuid.uuid4().hex}:",
+                         maildir=maildir, smtp_port=args.smtp_port)
+    address = 'address = "support@acme-helpdesk.example"\n'
+    config_path.write_text(text.replace(address, address + mailbox_extra, 1), encoding="utf-8")
     (workdir / "directory.toml").write_text(DIRECTORY, encoding="utf-8")
     config = load_config(config_path)
     store = Store(config.database_url)
@@ -181,6 +185,22 @@ def steady(args, mails: list[bytes], processes: int) -> None:
           f"p99 {_pct(lags, .99):6.0f} ms")
 
 
+def smtp_sink(args):
+    """Every new ticket sends a notification: a real SMTP server takes them, as in production.
+    Sets `args.smtp_port`; returns the running aiosmtpd controller (stop it when done)."""
+    import socket
+
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.handlers import Sink
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        args.smtp_port = probe.getsockname()[1]
+    sink = Controller(Sink(), hostname="127.0.0.1", port=args.smtp_port)
+    sink.start()
+    return sink
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000)
@@ -195,17 +215,7 @@ def main() -> None:
     args = ap.parse_args()
 
     mails = corpus(args.n, args.corpus / str(args.n))
-    # Every new ticket sends a notification: a real SMTP server takes them, as in production.
-    from aiosmtpd.controller import Controller
-    from aiosmtpd.handlers import Sink
-
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        args.smtp_port = probe.getsockname()[1]
-    sink = Controller(Sink(), hostname="127.0.0.1", port=args.smtp_port)
-    sink.start()
+    sink = smtp_sink(args)
     print(f"corpus: {len(mails)} mails; PostgreSQL store, Redis broker ({args.broker}), "
           f"notifications to an SMTP sink on :{args.smtp_port}")
     for processes in args.workers:
