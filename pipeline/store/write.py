@@ -15,7 +15,7 @@ from pipeline.lifecycle import (
 )
 from pipeline.notify.plan import plan_notifications, store_draft
 from pipeline.parsers.references import tag_pattern
-from pipeline.parsers.rmm import AlertRecord, alert_of
+from pipeline.parsers.rmm import AlertRecord, alert_of, priority_for_severity
 from pipeline.parsers.subject import normalise_subject, ticket_title
 from pipeline.store.models import (
     Account,
@@ -63,7 +63,8 @@ def write_mail(session: Session, ctx: MailContext) -> None:
             description_html=None if target.internal else mail.body_html_sanitized,
             status=defaults.status,
             status_changed_at=utc(ctx.received_at),
-            priority=defaults.priority,
+            # An alert's own severity beats the mailbox default: a failed backup is not "Medium".
+            priority=(alert and priority_for_severity(alert.severity)) or defaults.priority,
             queue_id=_queue_id(session, defaults.queue),
             account_id=account_id,
             contact_id=contact.id if contact else None,

@@ -181,3 +181,23 @@ def test_claimed_alert_mail_is_exempt_from_the_loop_guard(rmm) -> None:
     assert [r.outcome for r in results].count("discarded") == 0
     guard = [t for t in results[-1].trace if t.stage == "loop_guard"]
     assert guard[0].decision == "exempt" and "ninjaone" in guard[0].why
+
+
+@pytest.mark.parametrize("vendor,priority", [("datto", "High"), ("kaseya", "Critical"), ("nable", "High"),
+                                             ("ninjaone", "Critical"), ("cw_automate", "High")])
+def test_an_alert_ticket_takes_its_priority_from_the_alerts_severity(rmm_config, store, redis_client,
+                                                                     vendor: str, priority: str) -> None:
+    from pipeline.process import MailProcessor
+
+    processor = MailProcessor(rmm_config, store, redis_client)
+    result = processor.ingest("support", read(f"{vendor}_alert.eml"), received_at=T0)
+    assert result.outcome == "ticket_created"
+    with store.sessions() as s:
+        assert s.scalar(select(Ticket.priority)) == priority
+
+
+def test_an_unknown_severity_word_leaves_the_mailbox_default() -> None:
+    from pipeline.parsers.rmm import priority_for_severity
+
+    assert priority_for_severity("Purple") is None and priority_for_severity(None) is None
+    assert priority_for_severity(" WARNING ") == "Medium" and priority_for_severity("Informational") == "Low"

@@ -128,3 +128,21 @@ class RmmAlertStage:
         return AlertRecord(vendor=self.name, device=found["device"], alert_type=found["alert_type"],
                            site=found.get("site"), severity=found.get("severity"),
                            alert_id=found.get("alert_id"), recovered=recovered)
+
+
+# Vendors grade alerts in words of their own; the ticket's priority is D3's four.
+_PRIORITY_WORDS = {
+    "Critical": ("critical", "disaster", "emergency", "fatal"),
+    "High": ("high", "major", "error", "failed", "failure"),
+    "Medium": ("medium", "moderate", "warning", "minor"),
+    "Low": ("low", "info", "information", "informational", "notice"),
+}
+
+
+def priority_for_severity(severity: str | None) -> str | None:
+    """The ticket priority for an alert's severity word, or None for a word we do not know."""
+    word = (severity or "").strip().lower()
+    for priority, words in _PRIORITY_WORDS.items():
+        if word in words:
+            return priority
+    return None
