@@ -12,19 +12,17 @@ examples; a bounded `max_examples` keeps it to a few seconds.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.parsers.mime import ParsedMail, Unparseable, parse_mail
+from tests.parsers.defined import assert_parse_defined
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 REAL = sorted(FIXTURES.rglob("*.eml"))
 _RAW = {p: p.read_bytes() for p in REAL}
-_TRASH = re.compile("[\x00\ud800-\udfff]")
 _BOUNDARY = re.compile(rb'boundary="?([^";\r\n]+)', re.IGNORECASE)
 
 CI = settings(max_examples=400, deadline=None, derandomize=True, database=None, print_blob=True,
@@ -119,14 +117,7 @@ mutation = st.tuples(st.sampled_from(MUTATIONS), st.floats(0, 1, allow_nan=False
 
 
 def _assert_defined(raw: bytes) -> None:
-    try:
-        mail = parse_mail(raw, max_attachment_bytes=50_000)
-    except Unparseable:
-        return
-    assert isinstance(mail, ParsedMail)
-    text = json.dumps(mail.as_json(), ensure_ascii=False)
-    assert not _TRASH.search(text), "text that the store cannot take"
-    json.loads(text)
+    assert_parse_defined(raw, max_attachment_bytes=50_000)
 
 
 def test_every_fixture_is_found() -> None:
