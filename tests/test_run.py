@@ -37,6 +37,13 @@ def _processes_using(config_path: Path) -> list[int]:
     return pids
 
 
+def _maildir_config(tmp_path: Path, db_url: str, key_prefix: str, maildir: Path, poll_seconds: int) -> Path:
+    path = tmp_path / "mailboxes.toml"
+    path.write_text(config_text(db_url, key_prefix, source=f'{{ kind = "maildir", path = "{maildir}", '
+                                                           f'poll_seconds = {poll_seconds} }}'), encoding="utf-8")
+    return path
+
+
 def _start_run(config_path: Path, broker: str, log: Path, *mailboxes: str) -> subprocess.Popen[bytes]:
     args = [a for m in mailboxes for a in ("--mailbox", m)]
     env = {**os.environ, "PIPELINE_CONFIG": str(config_path), "CELERY_BROKER_URL": broker}
@@ -52,10 +59,7 @@ def test_run_processes_the_demo_maildir_and_stops_cleanly_on_sigterm(
         (maildir / sub).mkdir(parents=True)
     for mail in DEMO_MAIL.iterdir():
         (maildir / "new" / mail.name).write_bytes(mail.read_bytes())
-    config_path = tmp_path / "mailboxes.toml"
-    config_path.write_text(config_text(db_url, key_prefix,
-                                       source=f'{{ kind = "maildir", path = "{maildir}", poll_seconds = 1 }}'),
-                           encoding="utf-8")
+    config_path = _maildir_config(tmp_path, db_url, key_prefix, maildir, poll_seconds=1)
 
     def outcomes() -> int:
         with store.sessions() as session:
@@ -85,10 +89,7 @@ def test_run_processes_the_demo_maildir_and_stops_cleanly_on_sigterm(
 def test_two_machines_never_both_schedule_and_the_second_takes_over(
         tmp_path: Path, db_url: str, key_prefix: str, store: Store) -> None:
     maildir = tmp_path / "maildir"
-    config_path = tmp_path / "mailboxes.toml"
-    config_path.write_text(config_text(db_url, key_prefix,
-                                       source=f'{{ kind = "maildir", path = "{maildir}", poll_seconds = 5 }}'),
-                           encoding="utf-8")
+    config_path = _maildir_config(tmp_path, db_url, key_prefix, maildir, poll_seconds=5)
     schedules = "this machine schedules for the fleet"
     with private_redis(tmp_path / "broker") as broker:
         first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
@@ -127,10 +128,7 @@ def test_a_killed_run_leaves_no_worker_or_beat_behind(tmp_path: Path, db_url: st
 def test_a_second_bare_celery_beat_waits_until_the_first_is_gone(
         tmp_path: Path, db_url: str, key_prefix: str, store: Store) -> None:
     maildir = tmp_path / "maildir"
-    config_path = tmp_path / "mailboxes.toml"
-    config_path.write_text(config_text(db_url, key_prefix,
-                                       source=f'{{ kind = "maildir", path = "{maildir}", poll_seconds = 1 }}'),
-                           encoding="utf-8")
+    config_path = _maildir_config(tmp_path, db_url, key_prefix, maildir, poll_seconds=1)
     sends = "Scheduler: Sending due task fetch:support"
 
     def beat(name: str) -> tuple[subprocess.Popen[bytes], Path]:
