@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline.notify.settings import NotificationSettings, SmtpSettings
+from pipeline.resolve_back.settings import ResolveBackSettings
 from pipeline.settings_model import SettingsModel
 from pipeline.sources.settings import SourceSettings
 
@@ -158,6 +159,9 @@ class MailboxConfig(_Model):
     # Plug-ins this mailbox cannot run without: start fails naming one that is not installed.
     require_stages: list[str] = []
     alerts: AlertSettings = AlertSettings()
+    # Per RMM stage name, the HTTP call that tells the RMM a person completed an alert's ticket:
+    # `[mailbox.resolve_back.datto_rmm]` (pipeline/resolve_back/). None configured: no call.
+    resolve_back: dict[str, ResolveBackSettings] = {}
     # Attachments larger than this are recorded as skipped, with the reason; the mail is still
     # processed. None: no limit.
     max_attachment_bytes: int | None = Field(25 * 1024 * 1024, ge=0)

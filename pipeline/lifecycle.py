@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.commands import DEFAULT_RESOLUTION, CustomerAnswer
 from pipeline.config import STATUSES, Config, MailboxConfig
+from pipeline.resolve_back.outbox import COMPLETED, record_completion
 from pipeline.store.models import Resource, Ticket, TimelineEntry
 
 Actor = Literal["resource", "customer", "system", "monitor"]
@@ -78,12 +79,15 @@ class LifecycleSettings:
     feedback_window_days: float = 3
     auto_close_days: float = 0  # 0: never
     sla_pause_in_waiting_customer: bool = False
+    # The RMM stages whose alert tickets are told back to the RMM when completed ([mailbox.resolve_back]).
+    resolve_back: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, box: MailboxConfig | None) -> "LifecycleSettings":
         if box is None:
             return cls()
-        return cls(box.feedback_window_days, box.auto_close_days, box.sla_pause_in_waiting_customer)
+        return cls(box.feedback_window_days, box.auto_close_days, box.sla_pause_in_waiting_customer,
+                   frozenset(box.resolve_back))
 
 
 def settings_for(config: Config, mailbox: str | None) -> LifecycleSettings:
@@ -239,6 +243,12 @@ def apply_move(session: Session, ticket: Ticket, move: Move, *, who: str, now: d
         if ticket.first_resolved_at is None:  # reopened and resolved again: the first stays
             ticket.first_resolved_at, ticket.first_resolved_by = now, who
     timeline(session, ticket, who, move.what, before, move.to, now, journal_id)
+    # An alert's ticket completed: tell its RMM, in this transaction (pipeline/resolve_back/). Not
+    # when the monitor itself completed it: its recovery mail means the RMM knows already.
+    if (ticket.alert_key and settings.resolve_back and move.actor != "monitor"
+            and before in OPEN and move.to in COMPLETED):
+        record_completion(session, ticket, settings.resolve_back, resolution=move.resolution or move.what,
+                          journal_id=journal_id)
     if move.to == "Waiting Customer" and before != move.to and settings.sla_pause_in_waiting_customer:
         ticket.sla_paused_at = now
         timeline(session, ticket, who, "SLA clock paused", None, None, now, journal_id)

@@ -12,6 +12,7 @@ from pipeline.config import Config, locate_key
 from pipeline.notify.outbox import ticket_tag
 from pipeline.notify.send import smtp_problem
 from pipeline.notify.templates import EVENTS, check_event, folder_problem
+from pipeline.resolve_back.check import resolve_back_problems
 
 def config_problems(config: Config) -> list[str]:
     """One line per problem, naming the configuration key or the template file and line."""
@@ -35,7 +36,8 @@ def config_problems(config: Config) -> list[str]:
         checked.add(resolved)
         for event in EVENTS:
             problems.extend(check_event(event, resolved, tag, number))
-    return problems
+    # The other outbound templates: the HTTP calls that tell an RMM a ticket is done.
+    return problems + resolve_back_problems(config)
 
 
 def config_warnings(config: Config) -> list[str]:

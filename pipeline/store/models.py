@@ -305,3 +305,38 @@ class NotificationRecipient(Base):
     notification_id: Mapped[int] = mapped_column(ForeignKey("notifications.id"), primary_key=True)
     email: Mapped[str] = mapped_column(String(320), primary_key=True, index=True)
     role: Mapped[str] = mapped_column(String(40), default="sender")
+
+
+class ResolveBackCall(Base):
+    """Resolving back (issue 9): one HTTP call telling an RMM that a person completed its alert's ticket.
+
+    Written in the transaction that completes the ticket (pipeline/lifecycle.py), made after
+    commit (pipeline/resolve_back/, pipeline/tasks/resolve_back.py). `status`: pending →
+    calling (claimed under a lease) → done, or back to pending after a transient failure, or
+    failed (refused by the RMM, a template that does not render, or out of attempts).
+    """
+
+    __tablename__ = "resolve_back_calls"
+    __table_args__ = (Index("ix_resolve_back_calls_status", "status"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
+    mailbox: Mapped[str] = mapped_column(String(200))
+    # The RMM stage that claimed the alert (the first part of tickets.alert_key): its table in
+    # `[mailbox.resolve_back]` says what to call.
+    vendor: Mapped[str] = mapped_column(String(100))
+    # The mail that completed the ticket (none for the clock's auto-close), and the latest alert
+    # mail of the ticket, whose device, site, type, severity and id the templates get.
+    journal_id: Mapped[int | None] = mapped_column(ForeignKey("journal.id"))
+    alert_journal_id: Mapped[int | None] = mapped_column(ForeignKey("journal.id"))
+    # The ticket as it was completed (number, title, status, resolution, …): what the call says.
+    ticket_values: Mapped[dict[str, Any]] = mapped_column()
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    response_status: Mapped[int | None] = mapped_column(Integer)  # of the latest answer, if any
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    done_at: Mapped[datetime | None] = mapped_column()
+    # As for notifications: a caller that claimed the row owns it until then; after a transient
+    # failure the sweep tries again from next_attempt_at.
+    lease_until: Mapped[datetime | None] = mapped_column()
+    next_attempt_at: Mapped[datetime | None] = mapped_column()

@@ -8,7 +8,7 @@ from pipeline.config import Config
 from pipeline.tasks.policy import celery_settings
 
 TASK_MODULES = ["pipeline.tasks.fetch", "pipeline.tasks.process", "pipeline.tasks.maintenance",
-                "pipeline.tasks.notify"]
+                "pipeline.tasks.notify", "pipeline.tasks.resolve_back"]
 
 
 def create_app(config: Config, mailboxes: list[str] | None = None) -> Celery:

@@ -22,6 +22,8 @@ ROUTES = {
     "pipeline.tasks.fetch.*": {"queue": "fetch"},
     "pipeline.tasks.process.*": {"queue": "process"},
     "pipeline.tasks.notify.*": {"queue": "notify"},
+    # Resolving back to an RMM is outbound I/O like a notification: the same queue and workers.
+    "pipeline.tasks.resolve_back.*": {"queue": "notify"},
     "pipeline.tasks.maintenance.*": {"queue": "maintenance"},
 }
 
@@ -37,6 +39,8 @@ TRANSITIONS_EVERY = timedelta(minutes=1)
 # Outbox rows that their mail's commit did not get sent (a broker hiccup, a killed notify
 # worker, SMTP down past the task's retries) are handed to senders again this often.
 NOTIFY_SWEEP_EVERY = timedelta(minutes=1)
+# Resolve-back calls that their commit did not get made are handed to callers again this often.
+RESOLVE_BACK_SWEEP_EVERY = timedelta(minutes=1)
 # Notification history older than 30 days is deleted; once a day is plenty.
 NOTIFY_PURGE_EVERY = timedelta(days=1)
 
@@ -89,7 +93,7 @@ def celery_settings(config: Config, mailboxes: list[str] | None = None) -> dict[
 
 
 def beat_schedule(config: Config, mailboxes: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Fetch each polling mailbox at its interval; reconcile, scheduled transitions, the outbox sweep and purge."""
+    """Fetch each polling mailbox at its interval; reconcile, scheduled transitions, the outbox sweeps and purge."""
     schedule: dict[str, dict[str, Any]] = {}
     for box in config.mailboxes:
         if mailboxes and box.name not in mailboxes:
@@ -116,6 +120,11 @@ def beat_schedule(config: Config, mailboxes: list[str] | None = None) -> dict[st
         "task": "pipeline.tasks.notify.sweep",
         "schedule": NOTIFY_SWEEP_EVERY.total_seconds(),
         "options": {"expires": NOTIFY_SWEEP_EVERY.total_seconds()},
+    }
+    schedule["resolve_back:sweep"] = {
+        "task": "pipeline.tasks.resolve_back.sweep",
+        "schedule": RESOLVE_BACK_SWEEP_EVERY.total_seconds(),
+        "options": {"expires": RESOLVE_BACK_SWEEP_EVERY.total_seconds()},
     }
     schedule["notify:purge_history"] = {
         "task": "pipeline.tasks.notify.purge_history",
