@@ -108,7 +108,8 @@ def render_request(settings: ResolveBackSettings, values: dict[str, Any]) -> Req
 
     url = render("url", settings.url).strip()
     if not re.match(r"https?://[^\s/]+", url, re.IGNORECASE) or re.search(r"\s", url):
-        raise TemplateProblem("url", f"renders as {url[:200]!r}, not an http(s) URL")
+        # Not echoed: a rendered URL may carry a secret, and this text is stored and shown.
+        raise TemplateProblem("url", "does not render to an http(s) URL (http:// or https://, no white space)")
     headers = {}
     for name, source in settings.headers.items():
         value = render(f"headers.{name}", source).strip()

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -76,7 +77,7 @@ class RmmServer:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.seen: list[Seen] = []
-        self.script: list[int] = []
+        self.script: list[int | str] = []  # a status, or "slow": answer 200 after 2 s
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
 
@@ -91,6 +92,9 @@ class RmmServer:
                     server.seen.append(Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
                                             body))
                     status = server.script.pop(0) if server.script else 200
+                if status == "slow":
+                    time.sleep(2)
+                    status = 200
                 payload = json.dumps({"status": status}).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -330,6 +334,24 @@ def test_with_the_rmm_down_the_call_waits_and_the_sweep_delivers_it_once_it_is_u
     assert (row.status, row.attempts) == ("done", 2) and len(server.seen) == 1
 
 
+def test_an_rmm_that_does_not_answer_in_time_is_retried_and_not_asked_again_in_the_same_batch(
+        make_rb_config, store, redis_client, rmm_server) -> None:
+    config = make_rb_config(rmm_server.port, extra="timeout_seconds = 0.5")
+    processor = processor_for(config, store, redis_client)
+    raw = (FIXTURES / "datto_alert.eml").read_bytes().replace(b"To: support@", b"To: alerts@")
+    for device in (b"ACME-SRV01", b"ACME-SRV02"):
+        number = processor.ingest("alerts", raw.replace(b"ACME-SRV01", device), received_at=T0).entity["number"]
+        technician_resolves(processor, number)
+    rmm_server.script = ["slow"]
+
+    first = run(store, config)
+
+    assert len(first.retry) == 2 and len(rmm_server.seen) == 1  # the second was not tried
+    timed_out, not_tried = calls(store)
+    assert "Timeout" in timed_out.last_error and not_tried.last_error.startswith("not tried: datto_rmm did not answer")
+    assert len(run(store, config).done) == 2
+
+
 def test_out_of_attempts_the_call_fails_with_the_reason(make_rb_config, store, redis_client, rmm_server) -> None:
     config = make_rb_config(rmm_server.port, extra="max_attempts = 2")
     processor = processor_for(config, store, redis_client)
@@ -392,7 +414,7 @@ def test_check_config_names_an_unset_secret_variable_with_file_line_and_key(tmp_
     ('url = "http://rmm.example/{{ ticket.number"', "url", "syntax error"),
     ('url = "http://rmm.example/{{ tiket.number }}"', "url", "unknown variable 'tiket'"),
     ('url = "http://rmm.example/{{ secrets.tokn }}"', "url", "does not render"),
-    ('url = "rmm.example/{{ ticket.number }}"', "url", "not an http(s) URL"),
+    ('url = "rmm.example/{{ ticket.number }}"', "url", "does not render to an http(s) URL"),
     ('url = "http://rmm.example/"\nbody = "{% if %}"', "body", "syntax error"),
 ])
 def test_check_config_refuses_a_broken_template_in_one_line_naming_file_line_and_key(
