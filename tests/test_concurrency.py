@@ -20,20 +20,24 @@ from tests.conftest import make_mail
 CTX = mp.get_context("spawn")
 
 
-def _process(config_path: str, journal_ids: list[int], ready: mp.Barrier, out: mp.Queue) -> None:
+def _process(config_path: str, journal_ids: list[int], ready: mp.Barrier, out: mp.Queue,
+             batch: bool = False) -> None:
     config = load_config(config_path)
     store = Store(config.database_url)
     processor = MailProcessor(config, store, connect_redis(config.redis_url))
     with store.sessions() as s:  # connected and warmed up, so that the race starts at the barrier
         s.scalar(select(func.count()).select_from(Ticket))
     ready.wait(60)
-    out.put([(jid, processor.process(jid).outcome) for jid in journal_ids])
+    if batch:  # as a process task does: the ids in one transaction
+        out.put([(r.journal_id, r.outcome) for r in processor.process_many(journal_ids)])
+    else:
+        out.put([(jid, processor.process(jid).outcome) for jid in journal_ids])
     store.dispose()
 
 
-def _race(config_path: Path, batches: list[list[int]]) -> list[tuple[int, str]]:
+def _race(config_path: Path, batches: list[list[int]], batch: bool = False) -> list[tuple[int, str]]:
     ready, out = CTX.Barrier(len(batches)), CTX.Queue()
-    procs = [CTX.Process(target=_process, args=(str(config_path), ids, ready, out)) for ids in batches]
+    procs = [CTX.Process(target=_process, args=(str(config_path), ids, ready, out, batch)) for ids in batches]
     for p in procs:
         p.start()
     results = [r for _ in procs for r in out.get(timeout=120)]
@@ -72,3 +76,19 @@ def test_two_new_mails_of_one_conversation_raced_follow_the_duplicate_ticket_rul
     with store.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Ticket)) == 1
         assert s.scalar(select(func.count()).select_from(Note)) == 1
+
+
+def test_two_batches_holding_the_same_conversations_in_opposite_order_neither_deadlock_nor_split(
+        config, processor, store) -> None:
+    firsts, seconds = [], []
+    for n in range(10):
+        sender = f"User {n} <user{n}@acme.example>"
+        firsts.append(processor.journal("support", make_mail(from_=sender, subject=f"Outage {n}", body="down\n")))
+        seconds.append(processor.journal("support", make_mail(from_=sender, subject=f"Outage {n}", body="still\n")))
+    # Each worker gets one mail of every conversation, in the other worker's reverse order.
+    results = _race(config.path, [firsts[:5] + seconds[5:], list(reversed(firsts[5:] + seconds[:5]))], batch=True)
+    assert sorted(o for _, o in results) == ["note_added"] * 10 + ["ticket_created"] * 10
+    with store.sessions() as s:
+        numbers = list(s.scalars(select(Ticket.number)))
+        assert len(numbers) == len(set(numbers)) == 10
+        assert s.scalar(select(func.count()).select_from(Note)) == 10

@@ -1,4 +1,10 @@
-"""Transaction-scoped locks in the store, for decisions that must not be made twice at once."""
+"""Transaction-scoped locks in the store, for decisions that must not be made twice at once.
+
+A mail processed alone waits for a lock. A mail processed in a batch (several mails in one
+transaction, `MailProcessor.process_many`) must not wait while it holds the batch's earlier
+locks — two batches waiting on each other is a deadlock — so there a lock someone else holds
+raises `Busy`, and the mail is processed alone after the batch has committed.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,13 @@ import hashlib
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
+
+# session.info key: set while the session runs a batch; locks are then tried, never waited for.
+NO_WAIT = "mailloop.no_wait"
+
+
+class Busy(Exception):
+    """Another transaction holds the lock this mail needs; process it alone, later."""
 
 
 def lock_conversation(session: Session, subject_key: str) -> None:
@@ -16,8 +29,23 @@ def lock_conversation(session: Session, subject_key: str) -> None:
     committed its ticket, then finds it. PostgreSQL: an advisory lock held to the end of
     the transaction. SQLite needs none: a write transaction already excludes all others.
     """
+    _advisory(session, b"mailloop:conversation:" + subject_key.encode())
+
+
+def lock_entity(session: Session, entity_type: str, entity_id: int) -> None:
+    """Hold the ticket, task or project a mail writes to until the transaction ends.
+
+    The row lock of the update would serialise writers as well, but only this lock can be
+    tried first: a batch must not block on a row another batch holds.
+    """
+    _advisory(session, f"mailloop:entity:{entity_type}:{entity_id}".encode())
+
+
+def _advisory(session: Session, name: bytes) -> None:
     if session.get_bind().dialect.name != "postgresql":
         return
-    key = int.from_bytes(hashlib.sha1(b"mailloop:conversation:" + subject_key.encode()).digest()[:8], "big",
-                         signed=True)
-    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    key = int.from_bytes(hashlib.sha1(name).digest()[:8], "big", signed=True)
+    if not session.info.get(NO_WAIT):
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    elif not session.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": key}).scalar_one():
+        raise Busy(name.decode())

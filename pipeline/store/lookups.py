@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, Callable
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -39,19 +40,55 @@ class EntityInfo:
     source_mailbox: str | None = None
 
 
+# session.info key of the directory rows read in this transaction (see `remembered`).
+_CACHE = "mailloop.directory"
+_MISSING = object()
+
+
+def remembered(session: Session, key: tuple, load: Callable[[], Any], *, absent_too: bool = False) -> Any:
+    """`load()` once per transaction (a batch of mails shares one): the directory does not
+    change under a batch, and the same technicians, domains and queues recur in every mail.
+
+    Only what the pipeline never creates may be remembered as absent (`absent_too`): a
+    contact or account missing at the first mail may have been created by the second.
+    `forget` empties the cache when a mail's savepoint rolls back what it created.
+    """
+    cache = session.info.setdefault(_CACHE, {})
+    value = cache.get(key, _MISSING)
+    if value is _MISSING:
+        value = load()
+        if value is not None or absent_too:
+            cache[key] = value
+    return value
+
+
+def forget(session: Session) -> None:
+    session.info.pop(_CACHE, None)
+
+
 class Lookups:
     def __init__(self, session: Session) -> None:
         self.session = session
 
     def resource(self, email: str) -> Resource | None:
-        return self.session.scalar(select(Resource).where(Resource.email == email.lower()))
+        email = email.lower()
+        return remembered(self.session, ("resource", email),
+                          lambda: self.session.scalar(select(Resource).where(Resource.email == email)),
+                          absent_too=True)
 
     def contact(self, email: str) -> Contact | None:
-        return self.session.scalar(select(Contact).where(Contact.email == email.lower()))
+        email = email.lower()
+        return remembered(self.session, ("contact", email),
+                          lambda: self.session.scalar(select(Contact).where(Contact.email == email)))
 
     def account_by_domain(self, domain: str) -> Account | None:
         """The account owning `domain` or its nearest parent domain (mail.acme.example → acme.example)."""
-        labels = domain.lower().split(".")
+        domain = domain.lower()
+        return remembered(self.session, ("domain", domain), lambda: self._account_by_domain(domain),
+                          absent_too=True)
+
+    def _account_by_domain(self, domain: str) -> Account | None:
+        labels = domain.split(".")
         candidates = [".".join(labels[i:]) for i in range(len(labels) - 1)]
         if not candidates:
             return None
@@ -65,7 +102,8 @@ class Lookups:
         return None
 
     def account_by_name(self, name: str) -> Account | None:
-        return self.session.scalar(select(Account).where(Account.name == name))
+        return remembered(self.session, ("account", name),
+                          lambda: self.session.scalar(select(Account).where(Account.name == name)))
 
     def known_roles(self) -> set[str]:
         """Every role some resource has: a role outside this set does not exist (D4)."""

@@ -17,6 +17,8 @@ from pipeline.notify.plan import plan_notifications, store_draft
 from pipeline.parsers.references import tag_pattern
 from pipeline.parsers.rmm import AlertRecord, alert_of, priority_for_severity
 from pipeline.parsers.subject import normalise_subject, ticket_title
+from pipeline.store.locks import lock_entity
+from pipeline.store.lookups import Lookups, remembered
 from pipeline.store.models import (
     Account,
     Attachment,
@@ -44,6 +46,8 @@ def write_mail(session: Session, ctx: MailContext) -> None:
         return
 
     now = datetime.now(timezone.utc)
+    if target.kind == "existing":
+        lock_entity(session, target.entity_type, target.entity_id)
     alert = alert_of(ctx)
     if alert is not None and target.kind == "existing" and _alert_repeat_counted(session, ctx, alert):
         return
@@ -168,7 +172,7 @@ def _sender_records(session: Session, ctx: MailContext) -> tuple[int, Contact | 
 
 
 def _default_account(session: Session, name: str) -> Account:
-    account = session.scalar(select(Account).where(Account.name == name))
+    account = Lookups(session).account_by_name(name)
     if account is None:
         account = Account(name=name)
         session.add(account)
@@ -179,7 +183,7 @@ def _default_account(session: Session, name: str) -> Account:
 def _queue_id(session: Session, name: str | None) -> int | None:
     if not name:
         return None
-    queue = session.scalar(select(Queue).where(Queue.name == name))
+    queue = remembered(session, ("queue", name), lambda: session.scalar(select(Queue).where(Queue.name == name)))
     if queue is None:  # a queue named in mailboxes.toml is created on first use
         queue = Queue(name=name)
         session.add(queue)

@@ -1,4 +1,4 @@
-"""Process tasks (CPU): run the pipeline on journaled mail, one transaction per mail."""
+"""Process tasks (CPU): run the pipeline on journaled mail, a batch of ids per transaction."""
 
 from __future__ import annotations
 
@@ -17,15 +17,13 @@ log = logging.getLogger("pipeline.tasks.process")
 @shared_task(name="pipeline.tasks.process.process_batch", autoretry_for=(Unavailable,),
              **RETRY, **task_options("process", idempotent=True))
 def process_batch(journal_ids: list[int]) -> dict[str, int]:
-    """Process several journal ids in this process; outcomes counted by kind.
+    """Process several journal ids in one transaction (`MailProcessor.process_many`); outcomes by kind.
 
     A retry after an outage runs the whole batch again: ids already processed return
     their recorded outcome without doing anything twice.
     """
-    processor = runtime().processor()
     counts: dict[str, int] = {}
-    for journal_id in journal_ids:
-        result = processor.process(journal_id)
+    for result in runtime().processor().process_many(journal_ids):
         counts[result.outcome] = counts.get(result.outcome, 0) + 1
     log.info("processed %d mail(s): %s", len(journal_ids), counts)
     notify_after_commit(journal_ids)

@@ -1,0 +1,108 @@
+"""Several journaled mails in one transaction (`MailProcessor.process_many`), as a process task runs them.
+
+Each mail must come out as if it had been processed alone: later mails see what earlier
+ones wrote, one mail's failure rolls back only that mail, and a mail that needs a lock
+another worker holds is processed alone after the batch instead of deadlocking it.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from pipeline.parsers.subject import normalise_subject
+from pipeline.process import MailProcessor
+from pipeline.store.locks import lock_conversation
+from pipeline.store.models import JournalEntry, Note, Ticket
+from tests.conftest import make_mail
+
+
+def _journal(processor: MailProcessor, *mails: bytes) -> list[int]:
+    return [processor.journal("support", raw) for raw in mails]
+
+
+def test_a_later_mail_in_the_batch_sees_the_ticket_an_earlier_one_opened(processor, store) -> None:
+    ids = _journal(processor,
+                   make_mail(subject="VPN drops every hour", body="It dropped at 9.\n"),
+                   make_mail(from_="Bob <bob@fabrikam.example>", subject="Invoice question"),
+                   make_mail(subject="VPN drops every hour", body="And again at 10.\n"))
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["ticket_created", "ticket_created", "note_added"]
+    assert results[2].entity == results[0].entity  # the duplicate-ticket rule found the first mail's ticket
+    with store.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Ticket)) == 2
+        assert [n.body.strip() for n in s.scalars(select(Note))] == ["And again at 10."]
+
+
+def test_the_same_batch_again_changes_nothing(processor, store) -> None:
+    ids = _journal(processor, make_mail(subject="Disk full"), make_mail(subject="Mouse broken"))
+    first = processor.process_many(ids)
+    again = processor.process_many(list(reversed(ids)))
+    assert [r.outcome for r in again] == [r.outcome for r in reversed(first)]
+    assert [r.entity for r in again] == [r.entity for r in reversed(first)]
+    with store.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Ticket)) == 2
+
+
+POISON = '''
+class Poison:
+    name = "poison"
+
+    def __call__(self, ctx):
+        if "POISON" in ctx.parsed.subject:
+            raise ValueError("cannot handle this mail")
+'''
+
+
+def test_one_failing_mail_is_quarantined_and_rolls_back_only_itself(make_config, store, redis_client,
+                                                                    tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "batch_poison.py").write_text(textwrap.dedent(POISON))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = make_config(parser_stages='["ticket_number", "reply_reference", "batch_poison:Poison"]')
+    processor = MailProcessor(config, store, redis_client)
+    ids = _journal(processor, make_mail(subject="Printer jams"),
+                   make_mail(from_="New Person <new.person@contoso.example>", subject="POISON in the mail"),
+                   make_mail(subject="Scanner jams"))
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["ticket_created", "quarantined", "ticket_created"]
+    assert "cannot handle this mail" in results[1].reason
+    with store.sessions() as s:
+        poisoned = s.get(JournalEntry, ids[1])
+        assert poisoned.failed_stage == "extract" and poisoned.outcome == "quarantined"
+        assert s.scalar(select(func.count()).select_from(Ticket)) == 2
+        # What the failing mail's savepoint had done (its new contact) is gone with it.
+        from pipeline.store.models import Contact
+        assert s.scalar(select(Contact).where(Contact.email == "new.person@contoso.example")) is None
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_mail_whose_lock_another_worker_holds_waits_until_the_batch_has_committed(processor, store) -> None:
+    ids = _journal(processor, make_mail(subject="Printer jams"), make_mail(subject="Fire alarm test"),
+                   make_mail(subject="Scanner jams"))
+    holder = store.sessions()
+    holder.begin()
+    lock_conversation(holder, normalise_subject("Fire alarm test"))  # another worker's first mail of it
+    out: list = []
+    runner = threading.Thread(target=lambda: out.extend(processor.process_many(ids)))
+    runner.start()
+    try:
+        def committed() -> list[str | None]:
+            with store.sessions() as s:
+                return [s.get(JournalEntry, i).outcome for i in ids]
+
+        deadline = time.monotonic() + 30
+        while committed() != ["ticket_created", None, "ticket_created"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # The batch committed its other mails without waiting; the held one waits alone.
+        assert committed() == ["ticket_created", None, "ticket_created"]
+        assert runner.is_alive()
+    finally:
+        holder.rollback()
+        holder.close()
+    runner.join(30)
+    assert [r.outcome for r in out] == ["ticket_created"] * 3
