@@ -54,6 +54,7 @@ class About:
     ticket: Ticket | None = None
     note: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    created: bool = False  # created by this mail: no notification about it can exist yet
 
 
 def plan_event(session: Session, ctx: MailContext, event: str, about: About, *,
@@ -71,7 +72,7 @@ def plan_event(session: Session, ctx: MailContext, event: str, about: About, *,
     sender = Recipient(mail.from_address.lower(), "sender", ctx.sender.name if ctx.sender else mail.from_name)
     wanted = unique(by_roles(session, getattr(settings.recipients, event), sender=sender, ticket=about.ticket))
     drafts = []
-    threads = threading(session, mail, about.entity_type, about.entity_id)
+    threads = threading(session, mail, about.entity_type, None if about.created else about.entity_id)
     for r in wanted:
         why = _why_not(session, ctx, event, r, sender, skip_sender=skip_sender, internal=internal)
         if why:
@@ -149,7 +150,7 @@ def plan_notifications(session: Session, ctx: MailContext, entity_type: str, ent
     ticket = session.get(Ticket, entity_id) if entity_type == "ticket" else None
     if ctx.outcome == "ticket_created":
         about = About(entity_type, entity_id, number, ticket.title if ticket else title, ticket,
-                      _note_view(note, ticket.description if ticket else "", ctx))
+                      _note_view(note, ticket.description if ticket else "", ctx), created=True)
         return plan_event(session, ctx, "ticket_created", about, internal=bool(note and note.internal))
     if ctx.outcome == "note_added" and note is not None:
         about = About(entity_type, entity_id, number, entity_title(session, entity_type, entity_id), ticket,

@@ -10,9 +10,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import Config
+from pipeline.store.lookups import Lookups
 from pipeline.store.models import (
     Account,
-    Contact,
     Notification,
     NotificationRecipient,
     QueueMember,
@@ -89,8 +89,8 @@ def address_problem(config: Config, r: Recipient) -> str | None:
 
 
 def opted_out(session: Session, email: str) -> str | None:
-    opted_in = session.scalar(select(Contact.notifications).where(Contact.email == email))
-    return "the contact has opted out of notifications" if opted_in is False else None
+    contact = Lookups(session).contact(email)  # usually the mail's sender, read already
+    return "the contact has opted out of notifications" if contact is not None and not contact.notifications else None
 
 
 def answers_in_window(session: Session, email: str, window_seconds: int, now: datetime | None = None) -> int:

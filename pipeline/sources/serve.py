@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pipeline.config import Config, MailboxConfig
 from pipeline.process import MailProcessor, connect_redis
@@ -25,6 +25,9 @@ from pipeline.tasks.policy import PROCESS_BATCH
 log = logging.getLogger("pipeline.sources.serve")
 
 JOIN_SECONDS = 30
+
+if TYPE_CHECKING:
+    from pipeline.tasks.process import Coalescer
 
 
 def long_running(config: Config, names: list[str] | None = None) -> list[MailboxConfig]:
@@ -40,15 +43,15 @@ def units(config: Config, names: list[str] | None = None) -> list[list[str]]:
     return groups
 
 
-def celery_enqueue(config: Config) -> Callable[[list[int]], None]:
+def celery_enqueue(config: Config) -> Coalescer:
     """Enqueue journal ids on the process queue of this configuration's broker."""
     from pipeline.tasks.app import create_app
 
     app = create_app(config)
     app.set_default()  # the shared tasks below are sent through this app's broker
-    from pipeline.tasks.process import enqueue
+    from pipeline.tasks.process import Coalescer, process_batch
 
-    return lambda ids: enqueue(ids, PROCESS_BATCH)
+    return Coalescer(process_batch.delay, PROCESS_BATCH)
 
 
 def serve(config: Config, names: list[str] | None, stop: threading.Event) -> None:
@@ -59,7 +62,8 @@ def serve(config: Config, names: list[str] | None, stop: threading.Event) -> Non
     store = Store(config.database_url)
     client = connect_redis(config.redis_url)
     processor = MailProcessor(config, store, client)
-    sink = Sink(processor.journal, celery_enqueue(config))
+    enqueue = celery_enqueue(config)
+    sink = Sink(processor.journal, enqueue)
     threads = []
     for box in boxes:
         if box.source.kind == "imap":
@@ -75,5 +79,6 @@ def serve(config: Config, names: list[str] | None, stop: threading.Event) -> Non
             controller.stop()
         for thread in threads:
             thread.join(JOIN_SECONDS)
+        enqueue.flush()  # what the last mails journaled, before the process exits
         store.dispose()
         client.close()

@@ -166,6 +166,7 @@ def _sender_records(session: Session, ctx: MailContext) -> tuple[int, Contact | 
         contact = Contact(email=s.address, name=s.name or "", account_id=account_id)
         session.add(contact)
         session.flush()
+        remembered(session, ("contact", contact.email), lambda: contact)  # the notification plan reads it next
         ctx.note("write", "contact created", f"{s.address} under {s.account_name}")
         return account_id, contact
     return account_id, None
