@@ -63,7 +63,7 @@ def run_demo(run_dir: Path | None = None) -> None:
 
     processor = MailProcessor(config, store, client)
     rows: list[tuple[str, Result]] = []
-    for journal_id in fetch_maildir(maildir, box.name, store, processor.journal):
+    for journal_id in fetch_maildir(maildir, box.name, store, processor.journal_many):
         rows.append((_label(store, journal_id), processor.process(journal_id)))
 
     # Close the loop with mail that answers what the pipeline just sent.

@@ -1,4 +1,4 @@
-"""Maildir source: journal each mail in `new/`, then move it to `cur/` (D1.1)."""
+"""Maildir source: journal the mail in `new/`, then move it to `cur/` (D1.1)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import select
-
+from pipeline.sources.base import chunks, known_refs
 from pipeline.store.db import Store
-from pipeline.store.models import JournalEntry
 
 
 def ensure_maildir(path: Path) -> None:
@@ -17,27 +15,37 @@ def ensure_maildir(path: Path) -> None:
         (path / sub).mkdir(parents=True, exist_ok=True)
 
 
-def fetch_maildir(path: Path, mailbox: str, store: Store, journal: Callable[..., int],
+# Mails per journal commit: one commit (and one look-up of known names) per chunk, not per mail,
+# and each chunk is handed to processing at once instead of after the whole folder.
+CHUNK = 50
+
+
+def fetch_maildir(path: Path, mailbox: str, store: Store,
+                  journal_many: Callable[[str, list[tuple[bytes, str | None]]], list[int]],
+                  enqueue: Callable[[list[int]], object] = lambda ids: None,
                   keepalive: Callable[[], None] = lambda: None) -> list[int]:
     """Journal every mail in `new/` and move it to `cur/`; returns the journal ids to process.
 
-    The move comes only after the journal commit. A crash between the two leaves the
-    file in `new/`; the next fetch finds its name already journaled and only moves it.
-    `keepalive` is called after each mail (it renews the mailbox's fetch lock).
+    A chunk's files move only after its journal commit. A crash between the two leaves
+    them in `new/`; the next fetch finds their names already journaled and only moves
+    them. Each chunk's ids go to `enqueue` once moved; `keepalive` is called after each
+    chunk (it renews the mailbox's fetch lock).
     """
     ensure_maildir(path)
+    names = sorted(e.name for e in os.scandir(path / "new") if e.is_file() and not e.name.startswith("."))
     ids: list[int] = []
-    for entry in sorted(os.scandir(path / "new"), key=lambda e: e.name):
-        if not entry.is_file() or entry.name.startswith("."):
-            continue
-        ref = f"maildir:{entry.name}"
-        with store.sessions() as session:
-            known = session.scalar(select(JournalEntry.id).where(JournalEntry.mailbox == mailbox,
-                                                                 JournalEntry.source_ref == ref))
-        if known is None:
-            known = journal(mailbox, Path(entry.path).read_bytes(), source_ref=ref)
-        ids.append(known)  # processing is idempotent: a row journaled before a crash is processed now
-        base = entry.name.split(":", 1)[0]
-        os.replace(entry.path, path / "cur" / f"{base}:2,")
+    for chunk in chunks(names, CHUNK):
+        refs = {name: f"maildir:{name}" for name in chunk}
+        known = known_refs(store, mailbox, list(refs.values()))
+        fresh = [name for name in chunk if refs[name] not in known]
+        if fresh:
+            journaled = journal_many(mailbox, [((path / "new" / name).read_bytes(), refs[name]) for name in fresh])
+            known.update(zip((refs[name] for name in fresh), journaled))
+        # Processing is idempotent: a row journaled before a crash is processed now.
+        chunk_ids = [known[refs[name]] for name in chunk]
+        for name in chunk:
+            os.replace(path / "new" / name, path / "cur" / f"{name.split(':', 1)[0]}:2,")
+        enqueue(chunk_ids)
+        ids += chunk_ids
         keepalive()
     return ids

@@ -83,10 +83,8 @@ def fetch_mailbox(mailbox: str) -> int:
 def fetch_source(rt: Runtime, box: MailboxConfig, sink: Sink) -> int:
     """One fetch of a polling source; how many mails it journaled."""
     if box.source.kind == "maildir":
-        ids = fetch_maildir(rt.config.resolve_path(box.source.path), box.name, rt.store(), sink.journal,
-                            keepalive=sink.keepalive)
-        if ids:
-            sink.enqueue(ids)
+        ids = fetch_maildir(rt.config.resolve_path(box.source.path), box.name, rt.store(),
+                            rt.processor().journal_many, sink.enqueue, keepalive=sink.keepalive)
         return len(ids)
     for attempt in Retrying(**SOURCE_RETRY):
         with attempt:
