@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
+from functools import cache
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import text
+from sqlalchemy import Insert, bindparam, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -25,21 +26,27 @@ def allocate_number(session: Session, kind: str, numbering: NumberingSettings, n
     unique (D3).
     """
     local = now.astimezone(ZoneInfo(numbering.timezone))
-    day = local.strftime("%Y-%m-%d")
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    stmt = insert(NumberSequence).values(kind=kind, day=day, last_value=1)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[NumberSequence.kind, NumberSequence.day],
-        set_={"last_value": NumberSequence.last_value + 1},
-    ).returning(NumberSequence.last_value)
-    if session.info.get(NO_WAIT) and session.get_bind().dialect.name == "postgresql":
+    dialect = session.get_bind().dialect.name
+    params = {"kind": kind, "day": local.strftime("%Y-%m-%d")}
+    stmt = _upsert(dialect)
+    if session.info.get(NO_WAIT) and dialect == "postgresql":
         with session.get_bind().begin() as own:
             # No wait for the disk here: the WAL is written in order, so once the batch that
             # uses this number has committed (durably), this increment is on disk too; if it
             # is lost in a crash, so is every ticket that carried the number.
             own.execute(text("SET LOCAL synchronous_commit TO OFF"))
-            seq = own.execute(stmt).scalar_one()
+            seq = own.execute(stmt, params).scalar_one()
     else:
-        seq = session.execute(stmt).scalar_one()
+        seq = session.execute(stmt, params).scalar_one()
     fmt = getattr(numbering, kind)
     return fmt.format(date=local, seq=seq)
+
+
+@cache
+def _upsert(dialect: str) -> Insert:
+    """The increment-and-return statement, built once: it runs for every new ticket."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(NumberSequence).values(kind=bindparam("kind"), day=bindparam("day"), last_value=1) \
+        .on_conflict_do_update(index_elements=[NumberSequence.kind, NumberSequence.day],
+                               set_={"last_value": NumberSequence.last_value + 1}) \
+        .returning(NumberSequence.last_value)
