@@ -158,19 +158,27 @@ class MailProcessor:
                     select(JournalEntry).where(JournalEntry.id.in_(journal_ids))
                     .order_by(JournalEntry.id).with_for_update())}
                 env = StageEnv(session, Lookups(session), self.loop_guard)
-                for journal_id in journal_ids:
-                    entry = entries.get(journal_id)
-                    with mail_context(journal_id=journal_id):
-                        if entry is None:
-                            results[journal_id] = Result("quarantined", None, f"no journal entry #{journal_id}",
-                                                         [], journal_id)
-                        elif entry.outcome is not None:
-                            results[journal_id] = _stored_result(entry)
-                        else:
-                            done = self._one(session, env, entry, later)
-                            if done is not None:
-                                results[journal_id] = done.result
-                                finished.append(done)
+                ids = journal_ids
+                for last in ([False, True] if batch else [True]):
+                    for journal_id in ids:
+                        entry = entries.get(journal_id)
+                        with mail_context(journal_id=journal_id):
+                            if entry is None:
+                                results[journal_id] = Result("quarantined", None,
+                                                             f"no journal entry #{journal_id}", [], journal_id)
+                            elif entry.outcome is not None:
+                                results[journal_id] = _stored_result(entry)
+                            else:
+                                done = self._one(session, env, entry, later)
+                                if done is not None:
+                                    results[journal_id] = done.result
+                                    finished.append(done)
+                    if not last:
+                        # A second pass for mails whose lock was busy: by the end of the batch the other
+                        # transaction has often committed (the batches of an alert storm share keys).
+                        ids = [i for i, why in later.items() if isinstance(why, Busy)]
+                        for journal_id in ids:
+                            del later[journal_id]
         except TRANSIENT as exc:
             for done in finished:
                 results.pop(done.result.journal_id, None)  # type: ignore[arg-type]
