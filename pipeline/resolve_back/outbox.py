@@ -105,7 +105,7 @@ def _enqueue_after_commit(session: Session) -> None:
         return  # a savepoint: the rows are committed only with the transaction around it
     ids = session.info.pop(_AFTER_COMMIT, None)
     if ids:
-        _hand_over(ids)
+        _hand_over(list(dict.fromkeys(ids)))  # SQLite may reuse the id of a row a savepoint took back
 
 
 @event.listens_for(Session, "after_rollback")
