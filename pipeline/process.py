@@ -1,8 +1,8 @@
-"""Running the pipeline for one journaled mail: one transaction, exactly one outcome.
+"""Running the pipeline on journaled mail: exactly one outcome per mail, committed with its effects.
 
 `MailProcessor` is what every entry point uses — `ingest`, `import`, the demo and the
 Celery process task: journal the raw mail first (D1.1), then run `PIPELINE` on it in one
-transaction. A stage that raises `StopMail` ends the mail with that outcome; any other
+transaction — a process task's batch shares one, with a savepoint per mail. A stage that raises `StopMail` ends the mail with that outcome; any other
 exception (a bug, a broken template) puts it in quarantine with the stage and error, and
 the next mail goes on. Redis or the database being down is not the mail's fault: it
 raises `Unavailable` and the mail stays journaled, unprocessed, for a retry.
