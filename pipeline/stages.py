@@ -238,12 +238,12 @@ class AlreadyProcessed:
     name = "already_processed"
 
     def __call__(self, ctx: MailContext, env: StageEnv) -> None:
-        if env.lookups.is_our_notification(ctx.parsed.message_id):
+        ours, journal_id = env.lookups.seen_before(ctx.parsed.message_id, ctx.identity)
+        if ours:
             # Our own notification came back (a forwarding rule, a Cc to another mailbox): it is
             # in the store already, and answering it would start a loop.
             ctx.note(self.name, "our own notification", f"{ctx.parsed.message_id} was sent by this mailloop")
             raise StopMail("discarded", "our own notification came back")
-        journal_id = env.lookups.processed_by(ctx.identity)
         if journal_id is not None and journal_id != ctx.journal_id:
             ctx.note(self.name, "already processed", f"same mail as journal #{journal_id}")
             raise StopMail("already_processed", f"same mail as journal #{journal_id}")

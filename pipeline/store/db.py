@@ -63,6 +63,9 @@ class Store:
             raise CannotRun(f"database {self.safe_url} is unreachable: {_first_line(exc.orig)}") from None
 
     def dispose(self) -> None:
+        from pipeline.store.numbers import dispose_counters
+
+        dispose_counters(self.engine)
         self.engine.dispose()
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
 
-from sqlalchemy import or_, select
+from sqlalchemy import literal, or_, select
 from sqlalchemy.orm import Session
 
 from pipeline.context import EntityRef, EntityType
@@ -109,10 +109,6 @@ class Lookups:
         """Every role some resource has: a role outside this set does not exist (D4)."""
         return {r for roles in self.session.scalars(select(Resource.roles)) for r in roles or []}
 
-    def processed_by(self, identity: str) -> int | None:
-        """The journal id that processed this mail identity, if any."""
-        return self.session.scalar(select(ProcessedMail.journal_id).where(ProcessedMail.identity == identity))
-
     def entity(self, ref: EntityRef) -> EntityInfo | None:
         if ref.type == "ticket":
             t = self.session.scalar(select(Ticket).where(Ticket.number == ref.number))
@@ -124,12 +120,14 @@ class Lookups:
         p = self.session.scalar(select(Project).where(Project.number == ref.number))
         return p and EntityInfo("project", p.id, p.number, "In Progress", p.account_id, None)
 
-    def is_our_notification(self, message_id: str | None) -> bool:
-        """Is this the Message-ID of a notification we wrote (so the mail is our own, come back)?"""
-        if not message_id:
-            return False
-        return self.session.scalar(
-            select(Notification.id).where(Notification.message_id == message_id).limit(1)) is not None
+    def seen_before(self, message_id: str | None, identity: str) -> tuple[bool, int | None]:
+        """Is `message_id` one of our notifications (our own mail come back), and which journal id
+        processed this mail identity already, if any: the first gate's two questions in one round trip."""
+        ours = (select(Notification.id).where(Notification.message_id == message_id).limit(1).scalar_subquery()
+                if message_id else literal(None))
+        processed = select(ProcessedMail.journal_id).where(ProcessedMail.identity == identity).scalar_subquery()
+        notification_id, journal_id = self.session.execute(select(ours, processed)).one()
+        return notification_id is not None, journal_id
 
     def sent_by_us(self, message_ids: list[str], entity: EntityInfo) -> bool:
         """Is one of `message_ids` a notification we sent about `entity`?"""

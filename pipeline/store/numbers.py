@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from functools import cache
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Insert, bindparam, text
+from sqlalchemy import Engine, Insert, bindparam, create_engine
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -30,11 +31,7 @@ def allocate_number(session: Session, kind: str, numbering: NumberingSettings, n
     params = {"kind": kind, "day": local.strftime("%Y-%m-%d")}
     stmt = _upsert(dialect)
     if session.info.get(NO_WAIT) and dialect == "postgresql":
-        with session.get_bind().begin() as own:
-            # No wait for the disk here: the WAL is written in order, so once the batch that
-            # uses this number has committed (durably), this increment is on disk too; if it
-            # is lost in a crash, so is every ticket that carried the number.
-            own.execute(text("SET LOCAL synchronous_commit TO OFF"))
+        with _counters(session.get_bind()).connect() as own:
             seq = own.execute(stmt, params).scalar_one()
     else:
         seq = session.execute(stmt, params).scalar_one()
@@ -50,3 +47,27 @@ def _upsert(dialect: str) -> Insert:
         .on_conflict_do_update(index_elements=[NumberSequence.kind, NumberSequence.day],
                                set_={"last_value": NumberSequence.last_value + 1}) \
         .returning(NumberSequence.last_value)
+
+
+# Per store engine, a small engine whose connections autocommit each increment in one round trip
+# and do not wait for the disk: the WAL is written in order, so once the batch that uses a
+# number has committed (durably), the increment is on disk too; if a crash loses the
+# increment, it loses every ticket that carried the number with it.
+_COUNTERS: dict[int, tuple[Engine, Engine]] = {}
+os.register_at_fork(after_in_child=_COUNTERS.clear)  # a forked worker must not share the sockets
+
+
+def _counters(engine: Engine) -> Engine:
+    found = _COUNTERS.get(id(engine))
+    if found is None or found[0] is not engine:
+        own = create_engine(engine.url, isolation_level="AUTOCOMMIT", pool_size=1, max_overflow=2,
+                            pool_pre_ping=True,
+                            connect_args={"connect_timeout": 5, "options": "-c synchronous_commit=off"})
+        found = _COUNTERS[id(engine)] = (engine, own)
+    return found[1]
+
+
+def dispose_counters(engine: Engine) -> None:
+    found = _COUNTERS.pop(id(engine), None)
+    if found is not None:
+        found[1].dispose()
