@@ -101,8 +101,8 @@ class Attribute:
     @staticmethod
     def _who(ctx: MailContext, env: StageEnv, address: str, name: str) -> Sender:
         policy = ctx.mailbox.unknown_sender
-        resource = env.lookups.resource(address)
-        contact = None if resource else env.lookups.contact(address)
+        resource, contact = env.lookups.person(address)
+        contact = None if resource else contact
         domain_account = default = None
         if not resource and not contact:
             domain_account = env.lookups.account_by_domain(address.rsplit("@", 1)[-1])

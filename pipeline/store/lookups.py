@@ -81,6 +81,23 @@ class Lookups:
         return remembered(self.session, ("contact", email),
                           lambda: self.session.scalar(select(Contact).where(Contact.email == email)))
 
+    def person(self, email: str) -> tuple[Resource | None, Contact | None]:
+        """The resource and the contact with this address, in one round trip (the attribute stage asks both)."""
+        email = email.lower()
+        cache = self.session.info.setdefault(_CACHE, {})
+        if ("resource", email) in cache and ("contact", email) in cache:
+            return cache[("resource", email)], cache[("contact", email)]
+        probe = select(literal(email).label("email")).subquery()
+        resource, contact = self.session.execute(
+            select(Resource, Contact).select_from(probe)
+            .outerjoin(Resource, Resource.email == probe.c.email)
+            .outerjoin(Contact, Contact.email == probe.c.email)
+        ).one()
+        remembered(self.session, ("resource", email), lambda: resource, absent_too=True)
+        if contact is not None:  # a contact absent now may be created by the next mail of the batch
+            remembered(self.session, ("contact", email), lambda: contact)
+        return resource, contact
+
     def account_by_domain(self, domain: str) -> Account | None:
         """The account owning `domain` or its nearest parent domain (mail.acme.example → acme.example)."""
         domain = domain.lower()
