@@ -9,6 +9,7 @@ costs beyond parsing.
 
     python bench/pipeline.py                 # 2,000 mails, SQLite and PostgreSQL
     python bench/pipeline.py --n 10000 --db postgresql --profile
+    python bench/pipeline.py --db sqlite --batch 50 --stages   # where a mail's time goes
 
 Needs the local Redis (loop guard) and, for PostgreSQL, a server that lets it create a
 database (`--pg-admin`, default postgresql://postgres@127.0.0.1:5432/postgres).
@@ -105,6 +106,7 @@ def pipeline_run(mails: list[bytes], db_url: str, redis_url: str, workdir: Path,
     outcomes: dict[str, int] = {}
     per_mail: list[float] = []
     profiler = _profiler() if profile else None
+    stages_before = _stage_seconds()
     started = time.perf_counter()
     for start in range(0, len(mails), batch):
         chunk = mails[start:start + batch]
@@ -124,12 +126,22 @@ def pipeline_run(mails: list[bytes], db_url: str, redis_url: str, workdir: Path,
         client.delete(key)
     store.dispose()
     per_mail.sort()
+    stages = {k: (v - stages_before.get(k, 0.0)) / len(mails) * 1000 for k, v in _stage_seconds().items()}
     return {
+        "stages_ms": stages,
         "rate": len(mails) / elapsed,
         "p50_ms": statistics.median(per_mail) * 1000,
         "p99_ms": per_mail[int(0.99 * (len(per_mail) - 1))] * 1000,
         "outcomes": outcomes,
     }
+
+
+def _stage_seconds() -> dict[str, float]:
+    """Seconds spent in each stage so far in this process (the pipeline's own histogram)."""
+    from pipeline import metrics
+
+    return {s.labels["stage"]: s.value for m in metrics.STAGE_SECONDS.collect() for s in m.samples
+            if s.name.endswith("_sum")}
 
 
 def _profiler():
@@ -168,6 +180,9 @@ def main() -> None:
     ap.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--pg-admin", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     ap.add_argument("--profile", action="store_true", help="profile the pipeline run with pyinstrument")
+    ap.add_argument("--stages", action="store_true",
+                    help="also print the time per mail in each stage (from the mailloop_stage_seconds histogram) "
+                         "and outside them (journal, commits, savepoints)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 50],
                     help="mails per transaction: 1 is `pipeline ingest`'s way, 50 a fetch + process task's "
                          "(journal_many, then process_many); p50/p99 are per mail (default: 1 50)")
@@ -193,6 +208,11 @@ def main() -> None:
         print(f"{label:<48} {r['rate']:8.1f} mails/s   "
               f"ratio {r['rate'] / bare:.2f} of mail-parser   p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms")
         print(f"{'':<48} outcomes: " + ", ".join(f"{n} {k}" for k, n in sorted(r["outcomes"].items())))
+        if args.stages:
+            per_mail = 1000 / r["rate"]
+            shown = {k: v for k, v in r["stages_ms"].items() if v >= 0.05}
+            print(f"{'':<48} ms per mail: " + ", ".join(f"{k} {v:.2f}" for k, v in shown.items())
+                  + f", outside the stages {per_mail - sum(r['stages_ms'].values()):.2f} (of {per_mail:.2f})")
 
 
 if __name__ == "__main__":

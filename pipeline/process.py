@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from typing import Sequence
 
 import redis
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -37,6 +37,10 @@ from pipeline.store.lookups import Lookups, forget
 from pipeline.store.models import JournalEntry
 
 log = logging.getLogger("pipeline.process")
+
+# Raw mail per batch transaction, at most (a single larger mail runs alone): what a worker holds
+# in memory, twice over with the attachments, until the batch commits.
+BATCH_BYTES = 16 * 2**20
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OperationalError, InterfaceError)
 
@@ -75,6 +79,7 @@ class MailProcessor:
         self.store = store
         self.redis = redis_client
         self.loop_guard = LoopGuard(redis_client, config.settings.redis.key_prefix)
+        self.batch_bytes = BATCH_BYTES
 
     # -- journal --------------------------------------------------------------------------
     def journal(self, mailbox: str, raw: bytes, received_at: datetime | None = None,
@@ -129,11 +134,38 @@ class MailProcessor:
         per mail is most of why batches are faster (bench/README.md).
         """
         results: dict[int, Result] = {}
-        ids = list(dict.fromkeys(journal_ids))
-        later = self._transaction(ids, results, batch=True) if len(ids) > 1 else dict.fromkeys(ids)
+        later: dict[int, BaseException | None] = {}
+        for group in self._by_size(list(dict.fromkeys(journal_ids))):
+            if len(group) > 1:
+                later.update(self._transaction(group, results, batch=True))
+            else:
+                later[group[0]] = None
         for journal_id in later:
             results[journal_id] = self._alone(journal_id)
         return [results[i] for i in journal_ids]
+
+    def _by_size(self, journal_ids: list[int]) -> list[list[int]]:
+        """The ids in groups of at most `batch_bytes` of raw mail (a group has one mail at least):
+        a transaction holds its mails and their attachments in memory until it commits."""
+        if len(journal_ids) < 2:
+            return [journal_ids]
+        try:
+            with self.store.sessions() as session:
+                sizes = dict(session.execute(select(JournalEntry.id, func.length(JournalEntry.raw))
+                                             .where(JournalEntry.id.in_(journal_ids))).all())
+        except TRANSIENT as exc:
+            raise Unavailable(f"mail #{journal_ids[0]} and others stay journaled for a retry: "
+                              f"{_one_line(exc)}") from None
+        groups: list[list[int]] = [[]]
+        held = 0
+        for journal_id in journal_ids:
+            size = sizes.get(journal_id) or 0
+            if groups[-1] and held + size > self.batch_bytes:
+                groups.append([])
+                held = 0
+            groups[-1].append(journal_id)
+            held += size
+        return groups
 
     def _alone(self, journal_id: int) -> Result:
         """One mail in its own transaction, waiting for locks; a write conflict is retried twice."""

@@ -106,3 +106,23 @@ def test_a_mail_whose_lock_another_worker_holds_waits_until_the_batch_has_commit
         holder.close()
     runner.join(30)
     assert [r.outcome for r in out] == ["ticket_created"] * 3
+
+
+def test_a_batch_is_split_so_that_its_mails_fit_the_memory_budget(processor, store) -> None:
+    from sqlalchemy import event
+
+    body = "x" * 2000 + "\n"
+    ids = _journal(processor, *[make_mail(subject=f"Log {i}", body=body) for i in range(5)])
+    processor.batch_bytes = 5000  # two of these mails per transaction
+    commits: list[int] = []
+
+    def count(conn) -> None:
+        commits.append(1)
+
+    event.listen(store.engine, "commit", count)
+    try:
+        results = processor.process_many(ids)
+    finally:
+        event.remove(store.engine, "commit", count)
+    assert [r.outcome for r in results] == ["ticket_created"] * 5
+    assert len(commits) == 3  # [2, 2, 1]
