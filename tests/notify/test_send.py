@@ -213,3 +213,20 @@ def test_a_bounce_of_our_notification_lands_on_its_ticket_and_is_never_answered(
     assert (result.outcome, result.entity["number"]) == ("note_added", number)
     assert send_pending(store, config).sent == []
     assert smtp.inbox.count() == 1
+
+
+def test_a_german_subject_keeps_its_tag_readable_and_a_line_break_cannot_add_a_header(
+        processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    raw = make_mail(subject="Drucker druckt nicht – bitte prüfen", message_id="<umlaut-1@acme.example>")
+    number = processor.ingest("support", raw, received_at=T0).entity["number"]
+    with store.transaction() as s:  # as a careless template override might render it
+        s.execute(update(Notification).values(subject=f"[Ticket#{number}] Größe\r\nBcc: attacker@evil.example"))
+
+    send_pending(store, config)
+
+    [got] = smtp.inbox.received
+    assert got.rcpt_tos == ["jane@acme.example"]
+    assert got.message["Bcc"] is None
+    assert got.message["Subject"] == f"[Ticket#{number}] Größe Bcc: attacker@evil.example"
+    # The tag is plain ASCII on the wire, where any helpdesk filter can see it.
+    assert f"Subject: [Ticket#{number}] ".encode() in got.raw
