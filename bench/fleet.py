@@ -55,6 +55,37 @@ def _workers(config: Path, broker: str, processes: int, log: Path) -> subprocess
                             env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _cpu(worker_sid: int) -> dict[str, float]:
+    """CPU seconds used so far, by part: the worker processes (the worker's session), PostgreSQL's
+    processes, Redis, and this script (the feeder and the SMTP sink)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {"workers": 0.0, "postgres": 0.0, "redis": 0.0, "bench": 0.0}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        if int(fields[3]) == worker_sid:
+            used["workers"] += seconds
+        elif comm.startswith("postgres"):
+            used["postgres"] += seconds
+        elif comm.startswith("redis-server"):
+            used["redis"] += seconds
+        elif int(pid) == os.getpid():
+            used["bench"] += seconds
+    return used
+
+
+def _cpu_line(before: dict[str, float], after: dict[str, float], mails: int, elapsed: float) -> str:
+    per_mail = {k: (after[k] - before[k]) / mails * 1000 for k in before}
+    total = sum(per_mail.values())
+    return ("  CPU per mail: " + ", ".join(f"{k} {v:.1f} ms" for k, v in per_mail.items())
+            + f"; {total:.1f} ms in all, {total * mails / 1000 / elapsed:.2f} of the {os.cpu_count()} cores busy")
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     import signal
 
@@ -134,8 +165,10 @@ def burst(args, mails: list[bytes], processes: int) -> None:
         try:
             time.sleep(3)  # the workers connect
             app = Celery(broker=broker)
+            cpu_before, started = _cpu(worker.pid), time.perf_counter()
             app.send_task("pipeline.tasks.fetch.fetch_mailbox", args=["support"], queue="fetch")
             _wait_done(store, len(mails), 600)
+            cpu = _cpu_line(cpu_before, _cpu(worker.pid), len(mails), time.perf_counter() - started)
             lags, first, last = _lags(store)
         finally:
             _stop(worker)
@@ -143,6 +176,7 @@ def burst(args, mails: list[bytes], processes: int) -> None:
             drop()
     print(f"burst, {processes} worker process(es): {len(mails) / (last - first):7.1f} mails/s   "
           f"lag p50 {_pct(lags, .5):8.0f} ms  p99 {_pct(lags, .99):8.0f} ms  (the whole backlog waits in line)")
+    print(cpu)
 
 
 def steady(args, mails: list[bytes], processes: int) -> None:
@@ -163,7 +197,7 @@ def steady(args, mails: list[bytes], processes: int) -> None:
         total = int(args.rate * args.steady_seconds)
         try:
             time.sleep(3)
-            started = time.perf_counter()
+            cpu_before, started = _cpu(worker.pid), time.perf_counter()
             # As the SMTP intake hands mail over: journaled one by one, enqueued in batches of up
             # to 50 ids that wait at most 50 ms for company (pipeline.tasks.process.Coalescer).
             enqueue = Coalescer(lambda ids: app.send_task("pipeline.tasks.process.process_batch", args=[ids],
@@ -178,6 +212,7 @@ def steady(args, mails: list[bytes], processes: int) -> None:
             enqueue.flush()
             offered = total / (time.perf_counter() - started)
             _wait_done(store, total, 600)
+            cpu = _cpu_line(cpu_before, _cpu(worker.pid), total, time.perf_counter() - started)
             lags, first, last = _lags(store)
         finally:
             _stop(worker)
@@ -186,6 +221,7 @@ def steady(args, mails: list[bytes], processes: int) -> None:
     print(f"steady {args.rate:.0f}/s offered ({offered:.0f}/s achieved by the feeder), {processes} worker "
           f"process(es): {total / (last - first):7.1f} mails/s   lag p50 {_pct(lags, .5):6.0f} ms  "
           f"p99 {_pct(lags, .99):6.0f} ms")
+    print(cpu)
 
 
 def smtp_sink(args):
@@ -210,7 +246,7 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=Path(tempfile.gettempdir()) / "mailloop-bench-corpus")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--rate", type=float, default=150.0, help="offered load of the steady run, mails/s")
-    ap.add_argument("--steady-seconds", type=float, default=20.0)
+    ap.add_argument("--steady-seconds", type=float, default=20.0, help="0: no steady run")
     ap.add_argument("--steady-workers", type=int, default=4)
     ap.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--broker", default="redis://127.0.0.1:6379/14", help="flushed before each run")
@@ -223,7 +259,7 @@ def main() -> None:
           f"notifications to an SMTP sink on :{args.smtp_port}")
     for processes in args.workers:
         burst(args, mails, processes)
-    if args.rate > 0:
+    if args.rate > 0 and args.steady_seconds > 0:
         steady(args, mails, args.steady_workers)
     sink.stop()
 
