@@ -97,20 +97,15 @@ def answers_in_window(session: Session, email: str, window_seconds: int, now: da
     """Automatic answers to mail from `email` in the last `window_seconds`, across all mailboxes.
 
     Only answers to the address as a mail's sender count: a technician copied on many new
-    tickets as a queue member is no loop. Answers this transaction has yet to write count
-    too, counted here rather than flushed for the query (a flush per answer is costly).
+    tickets as a queue member is no loop.
     """
     since = (now or datetime.now(timezone.utc)) - timedelta(seconds=window_seconds)
-    pending = sum(1 for n in session.new if isinstance(n, Notification) and n.event in ANSWERS
-                  and any(r.email == email and r.role == "sender" for r in n.recipients))
-    with session.no_autoflush:
-        stored = session.scalar(
-            select(func.count()).select_from(Notification).join(NotificationRecipient)
-            .where(NotificationRecipient.email == email, NotificationRecipient.role == "sender",
-                   Notification.event.in_(ANSWERS),
-                   Notification.created_at >= since)
-        ) or 0
-    return stored + pending
+    return session.scalar(
+        select(func.count()).select_from(Notification).join(NotificationRecipient)
+        .where(NotificationRecipient.email == email, NotificationRecipient.role == "sender",
+               Notification.event.in_(ANSWERS),
+               Notification.created_at >= since)
+    ) or 0
 
 
 def unique(recipients: list[Recipient]) -> list[Recipient]:

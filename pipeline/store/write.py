@@ -71,7 +71,7 @@ def write_mail(session: Session, ctx: MailContext) -> None:
             priority=(alert and priority_for_severity(alert.severity)) or defaults.priority,
             queue_id=_queue_id(session, defaults.queue),
             account_id=account_id,
-            contact=contact,
+            contact_id=contact.id if contact else None,
             source=defaults.source,
             source_mailbox=ctx.mailbox.name,
             category=defaults.category,
@@ -118,6 +118,7 @@ def write_mail(session: Session, ctx: MailContext) -> None:
         store_draft(session, d, ctx)
     ctx.note("write", f"{ctx.outcome.replace('_', ' ')}: {number}",
              f"{len(mail.attachments)} attachment(s)" + ("; internal note" if target.internal else ""))
+    session.flush()
 
 
 def _alert_repeat_counted(session: Session, ctx: MailContext, alert: AlertRecord) -> bool:
@@ -163,7 +164,8 @@ def _sender_records(session: Session, ctx: MailContext) -> tuple[int, Contact | 
         account_id = _default_account(session, ctx.mailbox.unknown_sender.default_account).id
     if s.kind == "new_contact":
         contact = Contact(email=s.address, name=s.name or "", account_id=account_id)
-        session.add(contact)  # inserted with the ticket that refers to it: one flush, not two
+        session.add(contact)
+        session.flush()
         remembered(session, ("contact", contact.email), lambda: contact)  # the notification plan reads it next
         ctx.note("write", "contact created", f"{s.address} under {s.account_name}")
         return account_id, contact
