@@ -31,6 +31,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from bench.pipeline import CONFIG as PIPELINE_CONFIG  # noqa: E402
 from bench.pipeline import DIRECTORY, _pg_database, corpus  # noqa: E402
+from pipeline.tasks.policy import COALESCE_SECONDS  # noqa: E402
 
 # The in-process benchmark's configuration, with the Maildir the burst is dropped into.
 CONFIG = PIPELINE_CONFIG.replace("[[mailbox]]", """[smtp]
@@ -199,9 +200,9 @@ def steady(args, mails: list[bytes], processes: int) -> None:
             time.sleep(3)
             cpu_before, started = _cpu(worker.pid), time.perf_counter()
             # As the SMTP intake hands mail over: journaled one by one, enqueued in batches of up
-            # to 50 ids that wait at most 50 ms for company (pipeline.tasks.process.Coalescer).
+            # to 50 ids that wait for company (pipeline.tasks.process.Coalescer, COALESCE_SECONDS).
             enqueue = Coalescer(lambda ids: app.send_task("pipeline.tasks.process.process_batch", args=[ids],
-                                                          queue="process"), PROCESS_BATCH)
+                                                          queue="process"), PROCESS_BATCH, args.coalesce)
             for i in range(total):
                 due = started + i / args.rate
                 pause = due - time.perf_counter()
@@ -218,7 +219,7 @@ def steady(args, mails: list[bytes], processes: int) -> None:
             _stop(worker)
             store.dispose()
             drop()
-    print(f"steady {args.rate:.0f}/s offered ({offered:.0f}/s achieved by the feeder), {processes} worker "
+    print(f"steady {args.rate:.0f}/s offered, ids coalesced for up to {args.coalesce * 1000:.0f} ms ({offered:.0f}/s achieved by the feeder), {processes} worker "
           f"process(es): {total / (last - first):7.1f} mails/s   lag p50 {_pct(lags, .5):6.0f} ms  "
           f"p99 {_pct(lags, .99):6.0f} ms")
     print(cpu)
@@ -244,10 +245,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--corpus", type=Path, default=Path(tempfile.gettempdir()) / "mailloop-bench-corpus")
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4], help="burst runs (none: only the steady run)")
     ap.add_argument("--rate", type=float, default=150.0, help="offered load of the steady run, mails/s")
     ap.add_argument("--steady-seconds", type=float, default=20.0, help="0: no steady run")
     ap.add_argument("--steady-workers", type=int, default=4)
+    ap.add_argument("--coalesce", type=float, default=COALESCE_SECONDS,
+                    help=f"how long the steady feeder's ids wait for company (default {COALESCE_SECONDS} s, as the intake)")
     ap.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--broker", default="redis://127.0.0.1:6379/14", help="flushed before each run")
     ap.add_argument("--pg-admin", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")

@@ -30,6 +30,9 @@ ROUTES = {
 # How many journal ids one process task carries: large enough that the broker round
 # trip is small against the work, small enough that a crash redoes little.
 PROCESS_BATCH = 50
+# How long an intake's journal ids wait for company before they go to the process queue
+# (pipeline.tasks.process.Coalescer): bigger batches cost fewer transactions per mail.
+COALESCE_SECONDS = 0.2
 
 # Mail journaled but without an outcome after this long has lost its task (a worker
 # killed before it acknowledged, a broker outage while enqueueing): reconcile enqueues it again.

@@ -11,7 +11,7 @@ from celery import shared_task
 from pipeline.notify.send import pending_for_journal
 from pipeline.process import Unavailable
 from pipeline.tasks import runtime
-from pipeline.tasks.policy import RETRY, task_options
+from pipeline.tasks.policy import COALESCE_SECONDS, RETRY, task_options
 
 log = logging.getLogger("pipeline.tasks.process")
 
@@ -70,13 +70,13 @@ class Coalescer:
     """Hands journal ids over in batches: at most `size` ids, at most `delay` seconds after the first.
 
     An intake or an IDLE fetcher journals one mail at a time; sent one by one, each would be
-    a task and a transaction of its own. Waiting up to 50 ms for company lets the process
-    task run them in one transaction (`process_many`), which is what keeps the lag low under
-    a steady load (bench/fleet.py). Nothing is at risk meanwhile: the mail is journaled,
-    and reconcile re-enqueues whatever a crash left unprocessed.
+    a task and a transaction of its own. Waiting up to COALESCE_SECONDS (200 ms) for company
+    lets the process task run them in one transaction (`process_many`): under a steady 150
+    mails/s, 250 ms gave 14% more throughput than 50 ms (bench/README.md). Nothing is at risk
+    meanwhile: the mail is journaled, and reconcile re-enqueues whatever a crash left unprocessed.
     """
 
-    def __init__(self, send: Callable[[list[int]], object], size: int, delay: float = 0.05) -> None:
+    def __init__(self, send: Callable[[list[int]], object], size: int, delay: float = COALESCE_SECONDS) -> None:
         self.send, self.size, self.delay = send, size, delay
         self._pending: list[int] = []
         self._lock = threading.Lock()
