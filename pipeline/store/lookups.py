@@ -70,12 +70,6 @@ class Lookups:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def resource(self, email: str) -> Resource | None:
-        email = email.lower()
-        return remembered(self.session, ("resource", email),
-                          lambda: self.session.scalar(select(Resource).where(Resource.email == email)),
-                          absent_too=True)
-
     def contact(self, email: str) -> Contact | None:
         email = email.lower()
         return remembered(self.session, ("contact", email),
