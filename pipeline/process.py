@@ -2,9 +2,9 @@
 
 `MailProcessor` is what every entry point uses — `ingest`, `import`, the demo and the
 Celery process task: journal the raw mail first (D1.1), then run `PIPELINE` on it in one
-transaction — a process task's batch shares one, with a savepoint per mail. A stage that raises `StopMail` ends the mail with that outcome; any other
-exception (a bug, a broken template) puts it in quarantine with the stage and error, and
-the next mail goes on. Redis or the database being down is not the mail's fault: it
+transaction (a process task's batch shares one, with a savepoint per mail). A stage that
+raises `StopMail` ends the mail with that outcome; any other exception (a bug, a broken
+template) puts it in quarantine with the stage and error, and the next mail goes on. Redis or the database being down is not the mail's fault: it
 raises `Unavailable` and the mail stays journaled, unprocessed, for a retry.
 """
 
@@ -276,33 +276,27 @@ class MailProcessor:
 
     def _quarantine_entry(self, session: Session, entry: JournalEntry, stage: str, exc: BaseException,
                           trace: list[TraceStep]) -> _Finished:
-        reason = f"stage {stage} failed: {type(exc).__name__}: {_one_line(exc)}"
-        trace = list(trace) + [TraceStep(stage, "error", reason)]
-        entry.outcome, entry.reason, entry.failed_stage = "quarantined", reason, stage
-        entry.error = "".join(traceback.format_exception(exc))[-4000:]
-        entry.trace = [t.as_json() for t in trace]
-        entry.processed_at = datetime.now(timezone.utc)
+        """Quarantine a mail of this transaction (its savepoint rolled back)."""
+        values, trace = _quarantined(stage, exc, trace)
+        for column, value in values.items():
+            setattr(entry, column, value)
         session.flush()
-        return _Finished(Result("quarantined", None, reason, trace, entry.id), stage,
-                         (entry.mailbox, "quarantined", reason, _aware(entry.received_at), entry.processed_at,
+        return _Finished(Result("quarantined", None, entry.reason, trace, entry.id), stage,
+                         (entry.mailbox, "quarantined", entry.reason, _aware(entry.received_at), entry.processed_at,
                           _imported(entry)))
 
     def _quarantine(self, journal_id: int, stage: str, exc: BaseException, trace: list[TraceStep]) -> Result:
-        reason = f"stage {stage} failed: {type(exc).__name__}: {_one_line(exc)}"
-        trace = list(trace) + [TraceStep(stage, "error", reason)]
-        now = datetime.now(timezone.utc)
+        """Quarantine a mail in a transaction of its own (unless it has an outcome meanwhile)."""
+        values, trace = _quarantined(stage, exc, trace)
         with self.store.transaction() as session:
             row = session.execute(
-                update(JournalEntry).where(JournalEntry.id == journal_id, JournalEntry.outcome.is_(None)).values(
-                    outcome="quarantined", reason=reason, failed_stage=stage,
-                    error="".join(traceback.format_exception(exc))[-4000:],
-                    trace=[t.as_json() for t in trace], processed_at=now,
-                ).returning(JournalEntry.mailbox, JournalEntry.received_at, JournalEntry.source_ref)
+                update(JournalEntry).where(JournalEntry.id == journal_id, JournalEntry.outcome.is_(None))
+                .values(**values).returning(JournalEntry.mailbox, JournalEntry.received_at, JournalEntry.source_ref)
             ).first()
         if row is not None:
-            metrics.mail_done(row.mailbox, "quarantined", reason, _aware(row.received_at), now,
-                              is_import_ref(row.source_ref))
-        return Result("quarantined", None, reason, trace, journal_id)
+            metrics.mail_done(row.mailbox, "quarantined", values["reason"], _aware(row.received_at),
+                              values["processed_at"], is_import_ref(row.source_ref))
+        return Result("quarantined", None, values["reason"], trace, journal_id)
 
     def replay(self, journal_id: int) -> Result | None:
         """Process a quarantined mail again; None when it is not (or no longer) in quarantine."""
@@ -334,6 +328,15 @@ class MailProcessor:
         except TRANSIENT as exc:
             raise Unavailable(_one_line(exc)) from None
         return _result(ctx, outcome, reason, None)
+
+
+def _quarantined(stage: str, exc: BaseException, trace: list[TraceStep]) -> tuple[dict, list[TraceStep]]:
+    """The journal columns of a mail quarantined by `exc` in `stage`, and its trace ending in the error."""
+    reason = f"stage {stage} failed: {type(exc).__name__}: {_one_line(exc)}"
+    trace = list(trace) + [TraceStep(stage, "error", reason)]
+    return {"outcome": "quarantined", "reason": reason, "failed_stage": stage,
+            "error": "".join(traceback.format_exception(exc))[-4000:],
+            "trace": [t.as_json() for t in trace], "processed_at": datetime.now(timezone.utc)}, trace
 
 
 def _finish(entry: JournalEntry, ctx: MailContext, outcome: str, reason: str | None,
