@@ -37,6 +37,7 @@ from tenacity import (
 
 from pipeline.config import Config
 from pipeline.notify.settings import SmtpSettings
+from pipeline.store import leases
 from pipeline.store.db import Store
 from pipeline.store.models import Notification, NotificationRecipient
 
@@ -76,24 +77,9 @@ def utcnow() -> datetime:
 
 # -- claiming and recording (each its own short transaction) ------------------------------------
 
-def claimable(now: datetime):  # -> SQL condition
-    """Pending, or claimed by a sender whose lease has run out."""
-    return or_(Notification.status == "pending",
-               and_(Notification.status == "sending", Notification.lease_until < now))
-
-
 def claim(store: Store, ids: list[int], now: datetime, lease_seconds: float) -> list[int]:
     """Take the rows among `ids` that nobody is sending; returns the ids now ours."""
-    if not ids:
-        return []
-    with store.transaction() as session:
-        rows = session.execute(
-            update(Notification).where(Notification.id.in_(ids), claimable(now))
-            .values(status="sending", lease_until=now + timedelta(seconds=lease_seconds),
-                    attempts=Notification.attempts + 1)
-            .returning(Notification.id)
-        ).scalars().all()
-    return sorted(rows)
+    return leases.claim(store, Notification, "sending", ids, now, lease_seconds)
 
 
 def mark_sent(store: Store, nid: int) -> None:

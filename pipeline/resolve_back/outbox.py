@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import and_, event, or_, select, update
 from sqlalchemy.orm import Session
 
+from pipeline.store import leases
 from pipeline.store.db import Store
 from pipeline.store.models import JournalEntry, ResolveBackCall, Ticket, TimelineEntry
 
@@ -137,24 +138,9 @@ def _hand_over(ids: list[int]) -> None:
 
 # -- claiming and recording (each its own short transaction) --------------------------------------
 
-def claimable(now: datetime):  # -> SQL condition
-    """Pending, or claimed by a caller whose lease has run out."""
-    return or_(ResolveBackCall.status == "pending",
-               and_(ResolveBackCall.status == "calling", ResolveBackCall.lease_until < now))
-
-
 def claim(store: Store, ids: list[int], now: datetime, lease_seconds: float) -> list[int]:
-    """Take the rows among `ids` that nobody is calling; returns the ids now ours. Counts an attempt each."""
-    if not ids:
-        return []
-    with store.transaction() as session:
-        rows = session.execute(
-            update(ResolveBackCall).where(ResolveBackCall.id.in_(ids), claimable(now))
-            .values(status="calling", lease_until=now + timedelta(seconds=lease_seconds),
-                    attempts=ResolveBackCall.attempts + 1)
-            .returning(ResolveBackCall.id)
-        ).scalars().all()
-    return sorted(rows)
+    """Take the rows among `ids` that nobody is calling; returns the ids now ours."""
+    return leases.claim(store, ResolveBackCall, "calling", ids, now, lease_seconds)
 
 
 def mark_done(store: Store, call_id: int, status_code: int, now: datetime | None = None) -> None:
