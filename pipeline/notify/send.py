@@ -25,7 +25,7 @@ from email.mime.text import MIMEText
 from email.utils import format_datetime, formataddr
 from typing import Iterator
 
-from sqlalchemy import and_, bindparam, delete, or_, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.orm import Session, selectinload
 from tenacity import (
     Retrying,
@@ -119,18 +119,8 @@ def mark_retry(store: Store, nid: int, error: str, now: datetime | None = None) 
 
 
 def due(session: Session, now: datetime, grace_seconds: float = 30, limit: int = 1000) -> list[int]:
-    """Rows the sweep should hand to a sender: pending and due, or left `sending` past their lease.
-
-    Rows younger than `grace_seconds` are left to the task their own mail's commit enqueued.
-    """
-    rows = session.scalars(
-        select(Notification.id).where(or_(
-            and_(Notification.status == "pending",
-                 or_(Notification.next_attempt_at.is_(None), Notification.next_attempt_at <= now),
-                 Notification.created_at <= now - timedelta(seconds=grace_seconds)),
-            and_(Notification.status == "sending", Notification.lease_until < now),
-        )).order_by(Notification.id).limit(limit))
-    return list(rows)
+    """Rows the sweep should hand to a sender: pending and due, or left `sending` past their lease."""
+    return leases.due(session, Notification, "sending", now, grace_seconds, limit)
 
 
 def pending_for_journal(session: Session, journal_ids: list[int]) -> list[int]:

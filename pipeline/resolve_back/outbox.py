@@ -14,7 +14,7 @@ import logging
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import and_, event, or_, select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.store import leases
@@ -197,18 +197,8 @@ def _timeline(session: Session, row: ResolveBackCall, what: str, to_value: str, 
 
 
 def due(session: Session, now: datetime, grace_seconds: float = 30, limit: int = 1000) -> list[int]:
-    """Rows the sweep should hand to a caller: pending and due, or left `calling` past their lease.
-
-    Rows younger than `grace_seconds` are left to the task their own commit enqueued.
-    """
-    rows = session.scalars(
-        select(ResolveBackCall.id).where(or_(
-            and_(ResolveBackCall.status == "pending",
-                 or_(ResolveBackCall.next_attempt_at.is_(None), ResolveBackCall.next_attempt_at <= now),
-                 ResolveBackCall.created_at <= now - timedelta(seconds=grace_seconds)),
-            and_(ResolveBackCall.status == "calling", ResolveBackCall.lease_until < now),
-        )).order_by(ResolveBackCall.id).limit(limit))
-    return list(rows)
+    """Rows the sweep should hand to a caller: pending and due, or left `calling` past their lease."""
+    return leases.due(session, ResolveBackCall, "calling", now, grace_seconds, limit)
 
 
 def _iso(value: datetime | None) -> str | None:
