@@ -38,6 +38,7 @@ from pipeline.store.models import (
     Ticket,
     TimelineEntry,
 )
+from pipeline.store.rows import append, append_many
 
 # Roles that reach customers: an internal note never goes to them (D8).
 CUSTOMER_ROLES = ("sender", "contact")
@@ -187,8 +188,8 @@ def rejection_notice(ctx: MailContext) -> Draft | None:
                  entity_type=None, entity_id=None, number=None, journal_id=ctx.journal_id)
 
 
-def store_draft(session: Session, d: Draft, ctx: MailContext) -> Notification | None:
-    """Put a draft in the outbox, unless the loop breaker holds it back (then None, and the trace says why)."""
+def store_draft(session: Session, d: Draft, ctx: MailContext) -> int | None:
+    """Put a draft in the outbox (its id), unless the loop breaker holds it back (then None, and the trace says why)."""
     if d.event in ANSWERS:
         settings = ctx.mailbox.notifications
         for address in (a for a, role in d.recipients if role == "sender"):
@@ -198,16 +199,17 @@ def store_draft(session: Session, d: Draft, ctx: MailContext) -> Notification | 
                          f"loop breaker: {sent} automatic answers to {address} in the last "
                          f"{settings.answer_window_seconds}s (limit {settings.answer_limit})")
                 return None
-    n = Notification(
+    notification_id = append(
+        session, Notification,
         event=d.event, entity_type=d.entity_type, entity_id=d.entity_id, journal_id=ctx.journal_id,
         mailbox=ctx.mailbox.name, from_address=sender_address(ctx.mailbox),
         subject=d.subject, body_text=d.body_text, body_html=d.body_html, message_id=d.message_id,
         in_reply_to=d.in_reply_to, references=d.references,
-        recipients=[NotificationRecipient(email=a, role=r) for a, r in d.recipients],
     )
-    session.add(n)
+    append_many(session, NotificationRecipient,
+                [{"notification_id": notification_id, "email": a, "role": r} for a, r in d.recipients])
     ctx.note("write", f"notification {d.event}", "to " + ", ".join(a for a, _ in d.recipients))
-    return n
+    return notification_id
 
 
 def command_failed_notice(session: Session, ctx: MailContext, failures: list[CommandFailure]) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from pipeline.store import leases
 from pipeline.store.db import Store
 from pipeline.store.models import JournalEntry, ResolveBackCall, Ticket, TimelineEntry
+from pipeline.store.rows import append
 
 log = logging.getLogger("pipeline.resolve_back")
 
@@ -192,8 +193,8 @@ def _finish(session: Session, call_id: int, **values: Any) -> ResolveBackCall | 
 
 def _timeline(session: Session, row: ResolveBackCall, what: str, to_value: str, now: datetime) -> None:
     # On the ticket's timeline, so `pipeline tickets show` says whether the RMM was told, and why not.
-    session.add(TimelineEntry(entity_type="ticket", entity_id=row.ticket_id, who=WHO, what=what[:100],
-                              from_value=None, to_value=to_value[:200], at=now, journal_id=None))
+    append(session, TimelineEntry, entity_type="ticket", entity_id=row.ticket_id, who=WHO, what=what[:100],
+           from_value=None, to_value=to_value[:200], at=now, journal_id=None)
 
 
 def due(session: Session, now: datetime, grace_seconds: float = 30, limit: int = 1000) -> list[int]:

@@ -43,6 +43,7 @@ class EntityInfo:
 # session.info key of the directory rows read in this transaction (see `remembered`).
 _CACHE = "mailloop.directory"
 _MISSING = object()
+_HELD = "mailloop.held"
 
 
 def remembered(session: Session, key: tuple, load: Callable[[], Any], *, absent_too: bool = False) -> Any:
@@ -64,6 +65,16 @@ def remembered(session: Session, key: tuple, load: Callable[[], Any], *, absent_
 
 def forget(session: Session) -> None:
     session.info.pop(_CACHE, None)
+
+
+def hold(session: Session, row: Any) -> Any:
+    """Keep `row` in the session's identity map until the transaction ends, and return it.
+
+    The identity map holds rows weakly: a ticket the resolve or write stage read is gone by
+    the time the apply stage asks `session.get` for it, which then costs a SELECT per mail.
+    """
+    session.info.setdefault(_HELD, []).append(row)
+    return row
 
 
 class Lookups:
@@ -123,6 +134,8 @@ class Lookups:
     def entity(self, ref: EntityRef) -> EntityInfo | None:
         if ref.type == "ticket":
             t = self.session.scalar(select(Ticket).where(Ticket.number == ref.number))
+            if t is not None:
+                hold(self.session, t)  # the write and apply stages come back to it
             return t and EntityInfo("ticket", t.id, t.number, t.status, t.account_id, t.contact_id,
                                     state_of(t), t.source_mailbox)
         if ref.type == "task":

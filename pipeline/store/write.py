@@ -18,7 +18,7 @@ from pipeline.parsers.references import tag_pattern
 from pipeline.parsers.rmm import AlertRecord, alert_of, priority_for_severity
 from pipeline.parsers.subject import normalise_subject, ticket_title
 from pipeline.store.locks import lock_entity
-from pipeline.store.lookups import Lookups, remembered
+from pipeline.store.lookups import Lookups, hold, remembered
 from pipeline.store.models import (
     Account,
     Attachment,
@@ -30,6 +30,7 @@ from pipeline.store.models import (
     TimelineEntry,
 )
 from pipeline.store.numbers import allocate_number
+from pipeline.store.rows import append, append_many
 
 
 def write_mail(session: Session, ctx: MailContext) -> None:
@@ -80,7 +81,7 @@ def write_mail(session: Session, ctx: MailContext) -> None:
             alert_key=alert.key if alert else None,
             alert_last_seen_at=utc(ctx.received_at) if alert else None,
         )
-        session.add(ticket)
+        session.add(hold(session, ticket))
         session.flush()
         entity_type, entity_id, number = "ticket", ticket.id, ticket.number
         timeline_entry(session, ctx, entity_type, entity_id, who, "created", None, ticket.status)
@@ -105,15 +106,14 @@ def write_mail(session: Session, ctx: MailContext) -> None:
     ctx.written = Written(entity_type, entity_id, number, note.id if note else None,
                           created=target.kind == "new_ticket", text=summary.strip())
 
-    for part in mail.attachments:
-        session.add(Attachment(
-            entity_type=entity_type, entity_id=entity_id, note_id=note.id if note else None,
-            journal_id=ctx.journal_id, filename=part.filename, content_type=part.content_type,
-            size=part.size, content_id=part.content_id, data=b"" if part.skipped else part.data,
-            skipped_reason=part.skipped, inline=part.inline,
-        ))
+    append_many(session, Attachment, [dict(
+        entity_type=entity_type, entity_id=entity_id, note_id=note.id if note else None,
+        journal_id=ctx.journal_id, filename=part.filename, content_type=part.content_type,
+        size=part.size, content_id=part.content_id, data=b"" if part.skipped else part.data,
+        skipped_reason=part.skipped, inline=part.inline,
+    ) for part in mail.attachments])
     # The store refuses the same mail twice: a concurrent duplicate fails here (D1.5.1).
-    session.add(ProcessedMail(identity=ctx.identity, journal_id=ctx.journal_id))
+    append(session, ProcessedMail, identity=ctx.identity, journal_id=ctx.journal_id)
     for d in plan_notifications(session, ctx, entity_type, entity_id, number, title, note, contact):
         store_draft(session, d, ctx)
     ctx.note("write", f"{ctx.outcome.replace('_', ' ')}: {number}",
@@ -138,7 +138,7 @@ def _alert_repeat_counted(session: Session, ctx: MailContext, alert: AlertRecord
         return False
     ctx.outcome, ctx.entity = "note_added", {"type": "ticket", "number": ticket.number}
     ctx.written = Written("ticket", ticket.id, ticket.number, None, created=False, text="")
-    session.add(ProcessedMail(identity=ctx.identity, journal_id=ctx.journal_id))
+    append(session, ProcessedMail, identity=ctx.identity, journal_id=ctx.journal_id)
     ctx.note("write", f"repeat {n} counted on {ticket.number}", "no note: repeats of an open alert only count")
     session.flush()
     return True
@@ -193,17 +193,16 @@ def _queue_id(session: Session, name: str | None) -> int | None:
 
 
 def _note(session: Session, ctx: MailContext, entity_type: str, entity_id: int, body: str, internal: bool) -> Note:
-    note = Note(entity_type=entity_type, entity_id=entity_id, author_name=ctx.sender.name or "",
-                author_email=ctx.sender.address, body=body, internal=internal, journal_id=ctx.journal_id,
-                body_html=ctx.parsed.body_html_sanitized)
-    session.add(note)
-    session.flush()
-    return note
+    values = dict(entity_type=entity_type, entity_id=entity_id, author_name=ctx.sender.name or "",
+                  author_email=ctx.sender.address, body=body, internal=internal, journal_id=ctx.journal_id,
+                  body_html=ctx.parsed.body_html_sanitized)
+    # A note is only appended; the notification plan reads it from this detached copy.
+    return Note(id=append(session, Note, **values), **values)
 
 
 def timeline_entry(session: Session, ctx: MailContext, entity_type: str, entity_id: int, who: str, what: str,
               from_value: str | None, to_value: str | None, at: datetime | None = None) -> None:
-    session.add(TimelineEntry(entity_type=entity_type, entity_id=entity_id, who=who, what=what,
-                              from_value=from_value, to_value=to_value, journal_id=ctx.journal_id,
-                              # The mail's time, as for the lifecycle's entries: one clock per mail.
-                              at=utc(at or ctx.received_at)))
+    append(session, TimelineEntry, entity_type=entity_type, entity_id=entity_id, who=who, what=what,
+           from_value=from_value, to_value=to_value, journal_id=ctx.journal_id,
+           # The mail's time, as for the lifecycle's entries: one clock per mail.
+           at=utc(at or ctx.received_at))
