@@ -110,7 +110,7 @@ class Attribute:
         return decide_sender(
             address, name,
             resource=resource and (resource.id, resource.name),
-            contact=contact and (contact.id, contact.name, contact.account_id, contact.account.name),
+            contact=contact and (contact.id, contact.name, contact.account_id, contact.account_name),
             domain_account=domain_account and (domain_account.id, domain_account.name),
             default_account=default and (default.id, default.name),
             policy=policy,

@@ -29,7 +29,6 @@ from pipeline.notify.recipients import (
 )
 from pipeline.notify.templates import render_safely
 from pipeline.store.models import (
-    Contact,
     Note,
     Notification,
     NotificationRecipient,
@@ -146,7 +145,7 @@ def _note_view(note: Note | None, text: str | None = None, ctx: MailContext | No
 # -- the events -------------------------------------------------------------------------------
 
 def plan_notifications(session: Session, ctx: MailContext, entity_type: str, entity_id: int, number: str,
-                       title: str, note: Note | None, contact: Contact | None) -> list[Draft]:
+                       title: str, note: Note | None) -> list[Draft]:
     """Ticket created (to the sender, by default) or note added (to the primary resource)."""
     ticket = session.get(Ticket, entity_id) if entity_type == "ticket" else None
     if ctx.outcome == "ticket_created":

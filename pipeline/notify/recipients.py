@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import Config
@@ -93,6 +93,15 @@ def opted_out(session: Session, email: str) -> str | None:
     return "the contact has opted out of notifications" if contact is not None and not contact.notifications else None
 
 
+# Built once, run through Core: it runs for every answer planned (bench/README.md, issue 10).
+_N, _R = Notification.__table__, NotificationRecipient.__table__
+_ANSWERS_TO = (
+    select(func.count()).select_from(_N.join(_R, _R.c.notification_id == _N.c.id))
+    .where(_R.c.email == bindparam("email"), _R.c.role == "sender", _N.c.event.in_(ANSWERS),
+           _N.c.created_at >= bindparam("since"))
+)
+
+
 def answers_in_window(session: Session, email: str, window_seconds: int, now: datetime | None = None) -> int:
     """Automatic answers to mail from `email` in the last `window_seconds`, across all mailboxes.
 
@@ -100,12 +109,7 @@ def answers_in_window(session: Session, email: str, window_seconds: int, now: da
     tickets as a queue member is no loop.
     """
     since = (now or datetime.now(timezone.utc)) - timedelta(seconds=window_seconds)
-    return session.scalar(
-        select(func.count()).select_from(Notification).join(NotificationRecipient)
-        .where(NotificationRecipient.email == email, NotificationRecipient.role == "sender",
-               Notification.event.in_(ANSWERS),
-               Notification.created_at >= since)
-    ) or 0
+    return session.connection().execute(_ANSWERS_TO, {"email": email, "since": since}).scalar() or 0
 
 
 def unique(recipients: list[Recipient]) -> list[Recipient]:

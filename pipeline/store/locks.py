@@ -41,11 +41,15 @@ def lock_entity(session: Session, entity_type: str, entity_id: int) -> None:
     _advisory(session, f"mailloop:entity:{entity_type}:{entity_id}".encode())
 
 
+_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+_TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(:key)")
+
+
 def _advisory(session: Session, name: bytes) -> None:
     if session.get_bind().dialect.name != "postgresql":
         return
     key = int.from_bytes(hashlib.sha1(name).digest()[:8], "big", signed=True)
     if not session.info.get(NO_WAIT):
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
-    elif not session.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": key}).scalar_one():
+        session.connection().execute(_LOCK, {"key": key})
+    elif not session.connection().execute(_TRY_LOCK, {"key": key}).scalar_one():
         raise Busy(name.decode())

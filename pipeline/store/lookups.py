@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
 
-from sqlalchemy import literal, or_, select
+from sqlalchemy import String, bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from pipeline.context import EntityRef, EntityType
@@ -38,6 +38,21 @@ class EntityInfo:
     # Tickets only: what the lifecycle needs to tell the status at a given time (D2).
     state: TicketState | None = None
     source_mailbox: str | None = None
+
+
+@dataclass(frozen=True)
+class ResourceInfo:
+    id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class ContactInfo:
+    id: int
+    name: str
+    account_id: int
+    account_name: str
+    notifications: bool
 
 
 # session.info key of the directory rows read in this transaction (see `remembered`).
@@ -77,27 +92,51 @@ def hold(session: Session, row: Any) -> Any:
     return row
 
 
+# Built once and run through Core: the first gate asks it for every mail (bench/README.md, issue 10).
+# A mail without a Message-ID (NULL) matches no notification.
+_SEEN_BEFORE = select(
+    select(Notification.__table__.c.id).where(Notification.__table__.c.message_id == bindparam("message_id"))
+    .limit(1).scalar_subquery(),
+    select(ProcessedMail.__table__.c.journal_id).where(ProcessedMail.__table__.c.identity == bindparam("identity"))
+    .scalar_subquery(),
+)
+
+
+# Who an address is, read through Core (built once): every mail asks it for its sender.
+_probe = select(bindparam("email", type_=String).label("email")).subquery()
+_RES, _CON, _ACC = Resource.__table__, Contact.__table__, Account.__table__
+_PERSON = (
+    select(_RES.c.id.label("resource_id"), _RES.c.name.label("resource_name"),
+           _CON.c.id.label("contact_id"), _CON.c.name.label("contact_name"), _CON.c.account_id,
+           _ACC.c.name.label("account_name"), _CON.c.notifications)
+    .select_from(_probe)
+    .outerjoin(_RES, _RES.c.email == _probe.c.email)
+    .outerjoin(_CON, _CON.c.email == _probe.c.email)
+    .outerjoin(_ACC, _ACC.c.id == _CON.c.account_id)
+)
+
+
 class Lookups:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def contact(self, email: str) -> Contact | None:
+    def contact(self, email: str) -> ContactInfo | None:
         email = email.lower()
-        return remembered(self.session, ("contact", email),
-                          lambda: self.session.scalar(select(Contact).where(Contact.email == email)))
+        cache = self.session.info.get(_CACHE, {})
+        if ("contact", email) in cache:
+            return cache[("contact", email)]
+        return self.person(email)[1]
 
-    def person(self, email: str) -> tuple[Resource | None, Contact | None]:
+    def person(self, email: str) -> tuple[ResourceInfo | None, ContactInfo | None]:
         """The resource and the contact with this address, in one round trip (the attribute stage asks both)."""
         email = email.lower()
         cache = self.session.info.setdefault(_CACHE, {})
         if ("resource", email) in cache and ("contact", email) in cache:
             return cache[("resource", email)], cache[("contact", email)]
-        probe = select(literal(email).label("email")).subquery()
-        resource, contact = self.session.execute(
-            select(Resource, Contact).select_from(probe)
-            .outerjoin(Resource, Resource.email == probe.c.email)
-            .outerjoin(Contact, Contact.email == probe.c.email)
-        ).one()
+        row = self.session.connection().execute(_PERSON, {"email": email}).one()
+        resource = ResourceInfo(row.resource_id, row.resource_name) if row.resource_id is not None else None
+        contact = (ContactInfo(row.contact_id, row.contact_name, row.account_id, row.account_name,
+                               row.notifications) if row.contact_id is not None else None)
         remembered(self.session, ("resource", email), lambda: resource, absent_too=True)
         if contact is not None:  # a contact absent now may be created by the next mail of the batch
             remembered(self.session, ("contact", email), lambda: contact)
@@ -147,10 +186,8 @@ class Lookups:
     def seen_before(self, message_id: str | None, identity: str) -> tuple[bool, int | None]:
         """Is `message_id` one of our notifications (our own mail come back), and which journal id
         processed this mail identity already, if any: the first gate's two questions in one round trip."""
-        ours = (select(Notification.id).where(Notification.message_id == message_id).limit(1).scalar_subquery()
-                if message_id else literal(None))
-        processed = select(ProcessedMail.journal_id).where(ProcessedMail.identity == identity).scalar_subquery()
-        notification_id, journal_id = self.session.execute(select(ours, processed)).one()
+        notification_id, journal_id = self.session.connection().execute(
+            _SEEN_BEFORE, {"message_id": message_id, "identity": identity}).one()
         return notification_id is not None, journal_id
 
     def sent_by_us(self, message_ids: list[str], entity: EntityInfo) -> bool:

@@ -18,7 +18,7 @@ from pipeline.parsers.references import tag_pattern
 from pipeline.parsers.rmm import AlertRecord, alert_of, priority_for_severity
 from pipeline.parsers.subject import normalise_subject, ticket_title
 from pipeline.store.locks import lock_entity
-from pipeline.store.lookups import Lookups, hold, remembered
+from pipeline.store.lookups import ContactInfo, Lookups, hold, remembered
 from pipeline.store.models import (
     Account,
     Attachment,
@@ -52,7 +52,7 @@ def write_mail(session: Session, ctx: MailContext) -> None:
     alert = alert_of(ctx)
     if alert is not None and target.kind == "existing" and _alert_repeat_counted(session, ctx, alert):
         return
-    account_id, contact = _sender_records(session, ctx)
+    account_id, contact_id = _sender_records(session, ctx)
     who = ctx.sender.address
     numbering = ctx.config.settings.numbering
     title = ticket_title(mail.subject, tag_pattern(numbering.ticket_tag, numbering.ticket))
@@ -72,7 +72,7 @@ def write_mail(session: Session, ctx: MailContext) -> None:
             priority=(alert and priority_for_severity(alert.severity)) or defaults.priority,
             queue_id=_queue_id(session, defaults.queue),
             account_id=account_id,
-            contact_id=contact.id if contact else None,
+            contact_id=contact_id,
             source=defaults.source,
             source_mailbox=ctx.mailbox.name,
             category=defaults.category,
@@ -114,7 +114,7 @@ def write_mail(session: Session, ctx: MailContext) -> None:
     ) for part in mail.attachments])
     # The store refuses the same mail twice: a concurrent duplicate fails here (D1.5.1).
     append(session, ProcessedMail, identity=ctx.identity, journal_id=ctx.journal_id)
-    for d in plan_notifications(session, ctx, entity_type, entity_id, number, title, note, contact):
+    for d in plan_notifications(session, ctx, entity_type, entity_id, number, title, note):
         store_draft(session, d, ctx)
     ctx.note("write", f"{ctx.outcome.replace('_', ' ')}: {number}",
              f"{len(mail.attachments)} attachment(s)" + ("; internal note" if target.internal else ""))
@@ -154,21 +154,23 @@ def mail_text(ctx: MailContext, body: str) -> str:
     return not_applied_text(remaining, ctx.commands, ctx.commands_why)
 
 
-def _sender_records(session: Session, ctx: MailContext) -> tuple[int, Contact | None]:
+def _sender_records(session: Session, ctx: MailContext) -> tuple[int, int | None]:
     """The account and contact the mail belongs to, creating what policy says to create."""
     s = ctx.sender
     if s.kind == "contact":
-        return s.account_id, session.get(Contact, s.contact_id)
+        return s.account_id, s.contact_id
     account_id = s.account_id
     if account_id is None:
         account_id = _default_account(session, ctx.mailbox.unknown_sender.default_account).id
     if s.kind == "new_contact":
         contact = Contact(email=s.address, name=s.name or "", account_id=account_id)
-        session.add(contact)
+        session.add(hold(session, contact))  # the ticket's contact, read by the notification plan
         session.flush()
-        remembered(session, ("contact", contact.email), lambda: contact)  # the notification plan reads it next
+        # The notification plan reads it next (opted out?), and a later mail of the batch from the same address.
+        remembered(session, ("contact", contact.email),
+                   lambda: ContactInfo(contact.id, contact.name, account_id, s.account_name, contact.notifications))
         ctx.note("write", "contact created", f"{s.address} under {s.account_name}")
-        return account_id, contact
+        return account_id, contact.id
     return account_id, None
 
 
