@@ -87,6 +87,8 @@ def hold(session: Session, row: Any) -> Any:
 
     The identity map holds rows weakly: a ticket the resolve or write stage read is gone by
     the time the apply stage asks `session.get` for it, which then costs a SELECT per mail.
+    A held row outlives the mail that read it, so the queries that find tickets refresh it
+    (`populate_existing`): another transaction may have changed it before this one locked it.
     """
     session.info.setdefault(_HELD, []).append(row)
     return row
@@ -172,7 +174,8 @@ class Lookups:
 
     def entity(self, ref: EntityRef) -> EntityInfo | None:
         if ref.type == "ticket":
-            t = self.session.scalar(select(Ticket).where(Ticket.number == ref.number))
+            t = self.session.scalar(select(Ticket).where(Ticket.number == ref.number)
+                                    .execution_options(populate_existing=True))
             if t is not None:
                 hold(self.session, t)  # the write and apply stages come back to it
             return t and EntityInfo("ticket", t.id, t.number, t.status, t.account_id, t.contact_id,
@@ -223,12 +226,14 @@ class Lookups:
             who.append(Ticket.contact_id == contact_id)
         if account_id is not None:
             who.append(Ticket.account_id == account_id)
-        return self.session.scalar(
+        ticket = self.session.scalar(
             select(Ticket)
             .where(Ticket.subject_key == subject_key, Ticket.status.in_(OPEN_STATUSES), or_(*who))
             .order_by(Ticket.id.desc())
             .limit(1)
+            .execution_options(populate_existing=True)
         )
+        return ticket and hold(self.session, ticket)  # the mail's note goes to it next
 
     def alert_ticket(self, alert_key: str, recovered_since: datetime) -> Ticket | None:
         """The newest ticket for this alert that is open, or Resolved by a recovery since `recovered_since`.
@@ -237,7 +242,9 @@ class Lookups:
         """
         ticket = self.session.scalar(
             select(Ticket).where(Ticket.alert_key == alert_key, Ticket.status.in_(OPEN_STATUSES + ("Resolved",)))
-            .order_by(Ticket.id.desc()).limit(1))
+            .order_by(Ticket.id.desc()).limit(1).execution_options(populate_existing=True))
+        if ticket is not None:
+            hold(self.session, ticket)  # the write and apply stages come back to it, as do the storm's next mails
         if ticket is None or ticket.status in OPEN_STATUSES:
             return ticket
         recovered = ticket.recovered_at

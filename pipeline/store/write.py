@@ -49,6 +49,9 @@ def write_mail(session: Session, ctx: MailContext) -> None:
     now = datetime.now(timezone.utc)
     if target.kind == "existing":
         lock_entity(session, target.entity_type, target.entity_id)
+        if target.entity_type == "ticket":
+            # Read again under the lock: another transaction may have changed it since the resolve stage read it.
+            hold(session, session.get(Ticket, target.entity_id, populate_existing=True))
     alert = alert_of(ctx)
     if alert is not None and target.kind == "existing" and _alert_repeat_counted(session, ctx, alert):
         return
