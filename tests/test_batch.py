@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
+from pipeline.context import EntityRef
 from pipeline.parsers.subject import normalise_subject
 from pipeline.process import MailProcessor
 from pipeline.store.locks import lock_conversation
+from pipeline.store.lookups import Lookups
 from pipeline.store.models import JournalEntry, Note, Ticket
 from tests.conftest import make_mail
 
@@ -126,3 +128,17 @@ def test_a_batch_is_split_so_that_its_mails_fit_the_memory_budget(processor, sto
         event.remove(store.engine, "commit", count)
     assert [r.outcome for r in results] == ["ticket_created"] * 5
     assert len(commits) == 3  # [2, 2, 1]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_ticket_the_batch_holds_is_read_fresh_after_another_worker_changed_it(processor, store) -> None:
+    """A batch keeps the tickets it found for its later mails; it must not keep their old state."""
+    [created] = processor.process_many(_journal(processor, make_mail(subject="Printer jams on tray 2")))
+    ref = EntityRef("ticket", created.entity["number"], "subject")
+    with store.sessions() as batch, batch.begin():
+        lookups = Lookups(batch)
+        assert lookups.entity(ref).status == "New"
+        with store.transaction() as other:  # another worker's technician moves the ticket, and commits
+            other.execute(update(Ticket).where(Ticket.number == ref.number).values(status="In Progress"))
+        assert lookups.entity(ref).status == "In Progress"
+        assert batch.get(Ticket, lookups.entity(ref).id).status == "In Progress"
