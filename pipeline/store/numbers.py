@@ -7,9 +7,9 @@ from datetime import datetime
 from functools import cache
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Engine, Insert, bindparam, create_engine
+from sqlalchemy import Connection, Engine, Insert, bindparam, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from pipeline.config import NumberingSettings
 from pipeline.store.locks import NO_WAIT
@@ -31,8 +31,7 @@ def allocate_number(session: Session, kind: str, numbering: NumberingSettings, n
     params = {"kind": kind, "day": local.strftime("%Y-%m-%d")}
     stmt = _upsert(dialect)
     if session.info.get(NO_WAIT) and dialect == "postgresql":
-        with _counters(session.get_bind()).connect() as own:
-            seq = own.execute(stmt, params).scalar_one()
+        seq = _counter_connection(session).execute(stmt, params).scalar_one()
     else:
         seq = session.connection().execute(stmt, params).scalar_one()  # Core: the ORM path costs more than the upsert
     fmt = getattr(numbering, kind)
@@ -66,6 +65,27 @@ def _counters(engine: Engine) -> Engine:
                             connect_args={"connect_timeout": 5, "options": "-c synchronous_commit=off"})
         found = _COUNTERS[id(engine)] = (engine, own)
     return found[1]
+
+
+# session.info key: the batch's connection to the counters, checked out at its first new ticket.
+_OWN = "mailloop.counter_connection"
+
+
+def _counter_connection(session: Session) -> Connection:
+    """One counters connection per batch transaction: a checkout per ticket cost a pool ping each."""
+    own = session.info.get(_OWN)
+    if own is None:
+        own = session.info[_OWN] = _counters(session.get_bind()).connect()
+        if not event.contains(session, "after_transaction_end", _give_back):
+            event.listen(session, "after_transaction_end", _give_back)
+    return own
+
+
+def _give_back(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:  # the batch's transaction, not a mail's savepoint
+        own = session.info.pop(_OWN, None)
+        if own is not None:
+            own.close()
 
 
 def dispose_counters(engine: Engine) -> None:
