@@ -11,10 +11,10 @@ and a savepoint's rollback takes it back like any other.
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Insert, insert
-from sqlalchemy.orm import Session
+from sqlalchemy import Column, Insert, insert, inspect
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from pipeline.store.models import Base
 
@@ -27,6 +27,42 @@ def _insert(model: type[Base]) -> Insert:
 def append(session: Session, model: type[Base], **values: Any) -> int:
     """Insert one row of `model`'s table now; its new id."""
     return session.connection().execute(_insert(model), values).inserted_primary_key[0]
+
+
+Row = TypeVar("Row", bound=Base)
+
+
+@cache
+def _columns(model: type[Base]) -> tuple[tuple[str, Column], ...]:
+    """(attribute key, column) of every mapped column but the primary key."""
+    return tuple((a.key, a.columns[0]) for a in inspect(model).column_attrs if not a.columns[0].primary_key)
+
+
+def add_inserted(session: Session, obj: Row) -> Row:
+    """Insert a new object's row with a Core insert, then put the object in `session` as if loaded.
+
+    For rows the transaction goes on changing (a new ticket, a new contact): they must be in the
+    identity map, but the unit of work's insert costs five times a Core insert (bench/README.md,
+    issue 10). Column defaults are applied here, so every attribute is loaded and reading one
+    never goes back to the database; a later change is an ordinary UPDATE at the next flush.
+    """
+    model = type(obj)
+    values: dict[str, Any] = {}
+    given = obj.__dict__
+    for key, column in _columns(model):
+        if key in given:
+            value = given[key]
+        elif column.default is not None:
+            value = column.default.arg(None) if column.default.is_callable else column.default.arg
+            setattr(obj, key, value)
+        else:
+            value = None
+            setattr(obj, key, value)
+        values[column.name] = value
+    obj.id = append(session, model, **values)
+    make_transient_to_detached(obj)
+    session.add(obj)
+    return obj
 
 
 def append_many(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> None:

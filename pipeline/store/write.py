@@ -30,7 +30,7 @@ from pipeline.store.models import (
     TimelineEntry,
 )
 from pipeline.store.numbers import allocate_number
-from pipeline.store.rows import append, append_many
+from pipeline.store.rows import add_inserted, append, append_many
 
 
 def write_mail(session: Session, ctx: MailContext) -> None:
@@ -84,8 +84,7 @@ def write_mail(session: Session, ctx: MailContext) -> None:
             alert_key=alert.key if alert else None,
             alert_last_seen_at=utc(ctx.received_at) if alert else None,
         )
-        session.add(hold(session, ticket))
-        session.flush()
+        hold(session, add_inserted(session, ticket))
         entity_type, entity_id, number = "ticket", ticket.id, ticket.number
         timeline_entry(session, ctx, entity_type, entity_id, who, "created", None, ticket.status)
         if target.link_to_ticket_id:
@@ -166,9 +165,8 @@ def _sender_records(session: Session, ctx: MailContext) -> tuple[int, int | None
     if account_id is None:
         account_id = _default_account(session, ctx.mailbox.unknown_sender.default_account).id
     if s.kind == "new_contact":
-        contact = Contact(email=s.address, name=s.name or "", account_id=account_id)
-        session.add(hold(session, contact))  # the ticket's contact, read by the notification plan
-        session.flush()
+        # The ticket's contact, read by the notification plan.
+        contact = hold(session, add_inserted(session, Contact(email=s.address, name=s.name or "", account_id=account_id)))
         # The notification plan reads it next (opted out?), and a later mail of the batch from the same address.
         remembered(session, ("contact", contact.email),
                    lambda: ContactInfo(contact.id, contact.name, account_id, s.account_name, contact.notifications))
