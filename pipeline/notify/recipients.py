@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, func, literal, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import Config
@@ -97,7 +97,8 @@ def opted_out(session: Session, email: str) -> str | None:
 _N, _R = Notification.__table__, NotificationRecipient.__table__
 _ANSWERS_TO = (
     select(func.count()).select_from(_N.join(_R, _R.c.notification_id == _N.c.id))
-    .where(_R.c.email == bindparam("email"), _R.c.role == "sender", _N.c.event.in_(ANSWERS),
+    # The events as a list of binds, not one expanding IN: that is rendered again at every execution.
+    .where(_R.c.email == bindparam("email"), _R.c.role == "sender", _N.c.event.in_([literal(e) for e in ANSWERS]),
            _N.c.created_at >= bindparam("since"))
 )
 
