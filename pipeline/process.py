@@ -2,7 +2,7 @@
 
 `MailProcessor` is what every entry point uses — `ingest`, `import`, the demo and the
 Celery process task: journal the raw mail first (D1.1), then run `PIPELINE` on it in one
-transaction (a process task's batch shares one, with a savepoint per mail). A stage that
+transaction (a process task's batch shares one; a mail that fails is undone alone, by a savepoint). A stage that
 raises `StopMail` ends the mail with that outcome; any other exception (a bug, a broken
 template) puts it in quarantine with the stage and error, and the next mail goes on. Redis or the database being down is not the mail's fault: it
 raises `Unavailable` and the mail stays journaled, unprocessed, for a retry.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Sequence
@@ -31,11 +32,12 @@ from pipeline.errors import CannotRun
 from pipeline.logs import mail_context, update_mail_context
 from pipeline.notify.plan import rejection_notice, store_draft
 from pipeline.stages import PIPELINE, StageEnv
-from pipeline.store.db import Store
+from pipeline.store.db import Store, changes
 from pipeline.store.journal import is_import_ref, reopen_quarantined
 from pipeline.store.locks import NO_WAIT, Busy
 from pipeline.store.lookups import Lookups, forget
 from pipeline.store.models import JournalEntry
+from pipeline.store.rows import inserted_mark, take_back
 
 log = logging.getLogger("pipeline.process")
 
@@ -180,7 +182,22 @@ class MailProcessor:
 
     def _transaction(self, journal_ids: list[int], results: dict[int, Result], *,
                      batch: bool) -> dict[int, BaseException | None]:
-        """Process these ids in one transaction; returns the ids to run again alone (and why)."""
+        """Process these ids in one transaction; returns the ids to run again alone (and why).
+
+        The first attempt gives the mails no savepoints: SAVEPOINT and RELEASE are two of a
+        mail's fifteen statements, and almost every mail succeeds (bench/README.md, issue 10).
+        When a mail fails, or conflicts after it has changed something, that attempt is rolled
+        back whole and the ids run again with a savepoint each, which undoes only that mail.
+        """
+        try:
+            return self._attempt(journal_ids, results, batch=batch, savepoints=False)
+        except _Redo:
+            for journal_id in journal_ids:
+                results.pop(journal_id, None)
+            return self._attempt(journal_ids, results, batch=batch, savepoints=True)
+
+    def _attempt(self, journal_ids: list[int], results: dict[int, Result], *, batch: bool,
+                 savepoints: bool) -> dict[int, BaseException | None]:
         later: dict[int, BaseException | None] = {}
         finished: list[_Finished] = []
         try:
@@ -202,7 +219,7 @@ class MailProcessor:
                             elif entry.outcome is not None:
                                 results[journal_id] = _stored_result(entry)
                             else:
-                                done = self._one(session, env, entry, later)
+                                done = self._one(session, env, entry, later, savepoints)
                                 if done is not None:
                                     results[journal_id] = done.result
                                     finished.append(done)
@@ -228,15 +245,23 @@ class MailProcessor:
         return later
 
     def _one(self, session: Session, env: StageEnv, entry: JournalEntry,
-             later: dict[int, BaseException | None]) -> _Finished | None:
-        """Run the stages on one mail in a savepoint; None when it must run again alone."""
+             later: dict[int, BaseException | None], savepoint: bool) -> _Finished | None:
+        """Run the stages on one mail (in a savepoint if asked); None when it must run again alone.
+
+        Without a savepoint, a failure raises `_Redo`: nothing but the whole transaction can
+        take back what the mail wrote. A lock found busy before the mail changed anything is
+        the exception, as it needs nothing taken back.
+        """
         box = self.config.mailbox(entry.mailbox)
         ctx = MailContext(config=self.config, mailbox=box, raw=entry.raw,
                           received_at=_aware(entry.received_at), journal_id=entry.id)
         update_mail_context(mailbox=box.name)
         stage_name = "journal"
+        changes_before = None if savepoint else changes(session)
+        inserted = inserted_mark(session)
         try:
-            with session.begin_nested():  # rolled back on any exception, with what the mail created
+            # A savepoint is rolled back on any exception, with what the mail created.
+            with session.begin_nested() if savepoint else nullcontext():
                 try:
                     for stage in PIPELINE:
                         stage_name = stage.name
@@ -261,14 +286,21 @@ class MailProcessor:
         except (Busy, IntegrityError) as exc:
             # Busy: a lock another transaction holds. IntegrityError: a concurrent writer created
             # the same row (a contact, this mail's identity); the second run finds it.
+            if changes_before is not None and (isinstance(exc, IntegrityError)
+                                               or _changed(session, changes_before)):
+                raise _Redo from exc
             forget(session)  # the cache may hold rows the savepoint created
+            take_back(session, inserted)
             later[entry.id] = exc
             return None
         except TRANSIENT:
             raise
         except Exception as exc:  # a bug or bad data in one mail must not stop the others
+            if changes_before is not None:
+                raise _Redo from exc
             log.exception("mail #%s failed in stage %s", entry.id, stage_name)
             forget(session)
+            take_back(session, inserted)
             return self._quarantine_entry(session, entry, stage_name, exc, ctx.trace)
         result = _result(ctx, outcome, reason, entry.id)
         return _Finished(result, stage_name,
@@ -329,6 +361,15 @@ class MailProcessor:
         except TRANSIENT as exc:
             raise Unavailable(_one_line(exc)) from None
         return _result(ctx, outcome, reason, None)
+
+
+class _Redo(Exception):
+    """A mail without a savepoint failed: roll the transaction back, run it again with savepoints."""
+
+
+def _changed(session: Session, changes_before: int) -> bool:
+    """Has this transaction changed rows, or objects not yet flushed, since `changes_before`?"""
+    return changes(session) != changes_before or bool(session.new or session.dirty or session.deleted)
 
 
 def _quarantined(stage: str, exc: BaseException, trace: list[TraceStep]) -> tuple[dict, list[TraceStep]]:

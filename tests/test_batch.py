@@ -142,3 +142,70 @@ def test_a_ticket_the_batch_holds_is_read_fresh_after_another_worker_changed_it(
             other.execute(update(Ticket).where(Ticket.number == ref.number).values(status="In Progress"))
         assert lookups.entity(ref).status == "In Progress"
         assert batch.get(Ticket, lookups.entity(ref).id).status == "In Progress"
+
+
+def _count_savepoints(store) -> list[str]:
+    from sqlalchemy import event
+
+    sent: list[str] = []
+
+    def one(_conn, _cursor, statement, *_args) -> None:
+        if statement.upper().startswith("SAVEPOINT"):
+            sent.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", one)
+    return sent
+
+
+def test_a_batch_in_which_every_mail_succeeds_sends_no_savepoint(processor, store) -> None:
+    ids = _journal(processor, make_mail(subject="Printer jams"),
+                   make_mail(from_="New Person <new.person@contoso.example>", subject="Monitor flickers"),
+                   make_mail(subject="Printer jams", body="Still jamming.\n"))
+    savepoints = _count_savepoints(store)
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["ticket_created", "ticket_created", "note_added"]
+    assert savepoints == []
+
+
+_POISON_TRIGGER = {
+    # A row the database refuses in the middle of a mail's write, after its contact and ticket are in.
+    "sqlite": ["CREATE TRIGGER poison BEFORE INSERT ON timeline WHEN NEW.who LIKE 'poison%'"
+               " BEGIN SELECT RAISE(ABORT, 'poisoned timeline row'); END"],
+    "postgresql": ["CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                   " IF NEW.who LIKE 'poison%' THEN RAISE EXCEPTION 'poisoned timeline row'; END IF;"
+                   " RETURN NEW; END $$",
+                   "CREATE TRIGGER poison BEFORE INSERT ON timeline FOR EACH ROW EXECUTE FUNCTION poison()"],
+}
+_DROP_POISON = {"sqlite": ["DROP TRIGGER poison"],
+                "postgresql": ["DROP TRIGGER poison ON timeline", "DROP FUNCTION poison()"]}
+
+
+def test_a_mail_failing_after_it_wrote_is_quarantined_and_the_others_are_written_once(processor, store) -> None:
+    from sqlalchemy import text
+
+    from pipeline.store.models import Contact, Notification, TimelineEntry
+
+    ids = _journal(processor, make_mail(subject="Printer jams"),
+                   make_mail(from_="Poison Ivy <poison.ivy@contoso.example>", subject="Garden hose leaks"),
+                   make_mail(from_="Bob <bob@fabrikam.example>", subject="Scanner jams"))
+    with store.engine.begin() as conn:
+        for statement in _POISON_TRIGGER[store.dialect]:
+            conn.execute(text(statement))
+    savepoints = _count_savepoints(store)
+    try:
+        results = processor.process_many(ids)
+    finally:
+        with store.engine.begin() as conn:
+            for statement in _DROP_POISON[store.dialect]:
+                conn.execute(text(statement))
+    assert [r.outcome for r in results] == ["ticket_created", "quarantined", "ticket_created"]
+    assert "poisoned timeline row" in results[1].reason
+    assert savepoints  # the batch ran again, a savepoint per mail
+    with store.sessions() as s:
+        assert s.get(JournalEntry, ids[1]).outcome == "quarantined"
+        assert s.scalar(select(func.count()).select_from(Ticket)) == 2
+        assert s.scalar(select(func.count()).select_from(TimelineEntry)) == 2
+        assert s.scalar(select(func.count()).select_from(Notification)) == 2
+        # Its contact and ticket were written before the refused row; they are gone with it.
+        assert s.scalar(select(Contact).where(Contact.email == "poison.ivy@contoso.example")) is None
+        assert s.scalar(select(Ticket).where(Ticket.title == "Garden hose leaks")) is None

@@ -78,7 +78,27 @@ def alembic_config(url: str):  # -> alembic.config.Config
     return cfg
 
 
+# conn.info key: how many INSERT, UPDATE and DELETE statements this connection has sent.
+_CHANGES = "mailloop.changes"
+
+
+def changes(session: Session) -> int:
+    """A counter of the statements that changed rows on the session's connection; compare two readings."""
+    return session.connection().info.get(_CHANGES, 0)
+
+
+def _count_changes(conn, _cursor, _statement, _parameters, context, _executemany) -> None:  # type: ignore[no-untyped-def]
+    if context is not None and (context.isinsert or context.isupdate or context.isdelete):
+        conn.info[_CHANGES] = conn.info.get(_CHANGES, 0) + 1
+
+
 def make_engine(url: str) -> Engine:
+    engine = _engine(url)
+    event.listen(engine, "before_cursor_execute", _count_changes)
+    return engine
+
+
+def _engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
     if url.startswith("sqlite"):

@@ -62,7 +62,28 @@ def add_inserted(session: Session, obj: Row) -> Row:
     obj.id = append(session, model, **values)
     make_transient_to_detached(obj)
     session.add(obj)
+    session.info.setdefault(_INSERTED, []).append(obj)
     return obj
+
+
+# session.info key: the objects `add_inserted` put in the session, in order.
+_INSERTED = "mailloop.inserted"
+
+
+def inserted_mark(session: Session) -> int:
+    """A mark to give `take_back` when what follows may be rolled back to a savepoint."""
+    return len(session.info.get(_INSERTED, ()))
+
+
+def take_back(session: Session, mark: int) -> None:
+    """Remove from the session the objects `add_inserted` put there since `mark`: after a rollback
+    to a savepoint their rows are gone, but the session took them for loaded rows and keeps them
+    (and the database may give their ids to new rows)."""
+    inserted = session.info.get(_INSERTED, [])
+    for obj in inserted[mark:]:
+        if obj in session:
+            session.expunge(obj)
+    del inserted[mark:]
 
 
 def append_many(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> None:
