@@ -60,6 +60,7 @@ class _Finished:
     stage: str
     metrics: tuple
     message_id: str | None = None
+    journal_row: dict | None = None  # the outcome's columns, written with the batch's others
 
 
 def connect_redis(url: str) -> redis.Redis:
@@ -229,6 +230,9 @@ class MailProcessor:
                         ids = [i for i, why in later.items() if isinstance(why, Busy)]
                         for journal_id in ids:
                             del later[journal_id]
+                outcomes = [done.journal_row for done in finished if done.journal_row]
+                if outcomes:
+                    session.connection().execute(_RECORD_OUTCOME, outcomes)
         except TRANSIENT as exc:
             for done in finished:
                 results.pop(done.result.journal_id, None)  # type: ignore[arg-type]
@@ -281,8 +285,8 @@ class MailProcessor:
                         if notice:
                             store_draft(session, notice, ctx)
                 session.flush()
-                _finish(session, entry, ctx, outcome, reason,
-                        failed_stage=stage_name if outcome == "quarantined" else None)
+                journal_row = _record_outcome(entry, ctx, outcome, reason,
+                                              failed_stage=stage_name if outcome == "quarantined" else None)
         except (Busy, IntegrityError) as exc:
             # Busy: a lock another transaction holds. IntegrityError: a concurrent writer created
             # the same row (a contact, this mail's identity); the second run finds it.
@@ -305,7 +309,7 @@ class MailProcessor:
         result = _result(ctx, outcome, reason, entry.id)
         return _Finished(result, stage_name,
                          (box.name, outcome, reason, ctx.received_at, entry.processed_at, _imported(entry)),
-                         ctx.mail.message_id if ctx.mail else None)
+                         ctx.mail.message_id if ctx.mail else None, journal_row)
 
     def _quarantine_entry(self, session: Session, entry: JournalEntry, stage: str, exc: BaseException,
                           trace: list[TraceStep]) -> _Finished:
@@ -381,12 +385,14 @@ def _quarantined(stage: str, exc: BaseException, trace: list[TraceStep]) -> tupl
             "trace": [t.as_json() for t in trace], "processed_at": datetime.now(timezone.utc)}, trace
 
 
-def _finish(session: Session, entry: JournalEntry, ctx: MailContext, outcome: str, reason: str | None,
-            failed_stage: str | None = None) -> None:
-    """Record the mail's outcome on its journal row: the savepoint's last statement.
+def _record_outcome(entry: JournalEntry, ctx: MailContext, outcome: str, reason: str | None,
+                    failed_stage: str | None = None) -> dict:
+    """The mail's outcome for its journal row; the transaction writes it with its other mails' outcomes.
 
-    A Core update (the unit of work costs more than the statement, bench/README.md); the
-    loaded row is told the new values as committed, so the ORM writes nothing twice.
+    One Core executemany for the batch (the unit of work costs more than the statement, and
+    the statement a round trip per mail, bench/README.md). Nothing reads the journal's outcome
+    columns before the commit but this process, from the loaded row, which is told the new
+    values as committed, so the ORM writes nothing twice.
     """
     values = {"outcome": outcome, "reason": reason, "failed_stage": failed_stage,
               "trace": [t.as_json() for t in ctx.trace], "processed_at": datetime.now(timezone.utc),
@@ -398,9 +404,9 @@ def _finish(session: Session, entry: JournalEntry, ctx: MailContext, outcome: st
     if ctx.entity and outcome in ("ticket_created", "note_added"):
         values["entity_type"] = ctx.entity["type"]
         values["entity_number"] = ctx.entity["number"]
-    session.connection().execute(_RECORD_OUTCOME, {"journal_id": entry.id, **values})
     for column, value in values.items():
         set_committed_value(entry, column, value)
+    return {"journal_id": entry.id, **values}
 
 
 _RECORD_OUTCOME = update(JournalEntry.__table__).where(JournalEntry.__table__.c.id == bindparam("journal_id"))
