@@ -230,3 +230,22 @@ def test_a_german_subject_keeps_its_tag_readable_and_a_line_break_cannot_add_a_h
     assert got.message["Subject"] == f"[Ticket#{number}] Größe Bcc: attacker@evil.example"
     # The tag is plain ASCII on the wire, where any helpdesk filter can see it.
     assert f"Subject: [Ticket#{number}] ".encode() in got.raw
+
+
+def test_each_notification_is_recorded_as_sent_before_the_next_one_goes_out(
+        processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    # A sender killed mid-batch resends only what it had not recorded: at most the one in flight.
+    for i in range(4):
+        processor.ingest("support", make_mail(from_=f"user{i}@acme.example", subject=f"Issue {i}"), received_at=T0)
+    seen: list[list[str]] = []
+
+    def statuses_when_it_arrives(_got) -> None:
+        with store.sessions() as s:
+            seen.append(list(s.scalars(select(Notification.status).order_by(Notification.id))))
+
+    smtp.inbox.on_mail = statuses_when_it_arrives
+    assert len(send_pending(store, config).sent) == 4
+    assert seen == [["sending"] * 4,
+                    ["sent"] + ["sending"] * 3,
+                    ["sent"] * 2 + ["sending"] * 2,
+                    ["sent"] * 3 + ["sending"]]
