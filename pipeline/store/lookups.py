@@ -47,6 +47,12 @@ class ResourceInfo:
 
 
 @dataclass(frozen=True)
+class AccountInfo:
+    id: int
+    name: str
+
+
+@dataclass(frozen=True)
 class ContactInfo:
     id: int
     name: str
@@ -117,6 +123,11 @@ _PERSON = (
     .outerjoin(_ACC, _ACC.c.id == _CON.c.account_id)
 )
 
+# Asked for every sender who is neither a resource nor a contact (a new contact's first mail).
+_AD = AccountDomain.__table__
+_ACCOUNT_BY_DOMAIN = (select(_AD.c.domain, _ACC.c.id, _ACC.c.name).join_from(_AD, _ACC, _AD.c.account_id == _ACC.c.id)
+                      .where(_AD.c.domain.in_(bindparam("domains", expanding=True))))
+
 
 class Lookups:
     def __init__(self, session: Session) -> None:
@@ -144,21 +155,19 @@ class Lookups:
             remembered(self.session, ("contact", email), lambda: contact)
         return resource, contact
 
-    def account_by_domain(self, domain: str) -> Account | None:
-        """The account owning `domain` or its nearest parent domain (mail.acme.example → acme.example)."""
+    def account_by_domain(self, domain: str) -> AccountInfo | None:
+        """The account (id, name) owning `domain` or its nearest parent domain (mail.acme.example → acme.example)."""
         domain = domain.lower()
         return remembered(self.session, ("domain", domain), lambda: self._account_by_domain(domain),
                           absent_too=True)
 
-    def _account_by_domain(self, domain: str) -> Account | None:
+    def _account_by_domain(self, domain: str) -> AccountInfo | None:
         labels = domain.split(".")
         candidates = [".".join(labels[i:]) for i in range(len(labels) - 1)]
         if not candidates:
             return None
-        rows = self.session.execute(
-            select(AccountDomain.domain, Account).join(Account).where(AccountDomain.domain.in_(candidates))
-        ).all()
-        by_domain = {d: a for d, a in rows}
+        rows = self.session.connection().execute(_ACCOUNT_BY_DOMAIN, {"domains": candidates}).all()
+        by_domain = {d: AccountInfo(account_id, name) for d, account_id, name in rows}
         for c in candidates:
             if c in by_domain:
                 return by_domain[c]
