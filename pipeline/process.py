@@ -21,6 +21,7 @@ from typing import Sequence
 import redis
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -45,7 +46,9 @@ log = logging.getLogger("pipeline.process")
 # in memory, twice over with the attachments, until the batch commits.
 BATCH_BYTES = 16 * 2**20
 
-TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OperationalError, InterfaceError)
+# A pool with no connection free in time (the counters pool under a thread pool) is the database
+# being busy, not the mail's fault: retried like a dropped connection.
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OperationalError, InterfaceError, PoolTimeout)
 
 
 class Unavailable(CannotRun):

@@ -209,3 +209,27 @@ def test_a_mail_failing_after_it_wrote_is_quarantined_and_the_others_are_written
         # Its contact and ticket were written before the refused row; they are gone with it.
         assert s.scalar(select(Contact).where(Contact.email == "poison.ivy@contoso.example")) is None
         assert s.scalar(select(Ticket).where(Ticket.title == "Garden hose leaks")) is None
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_mail_that_finds_no_free_database_connection_stays_journaled_for_a_retry(config, store,
+                                                                                   redis_client) -> None:
+    from sqlalchemy import create_engine
+
+    from pipeline.process import Unavailable
+
+    # A pool of one, held by someone else: as when more batches run at once than the pool has connections.
+    store.engine.dispose()
+    store.engine = create_engine(store.engine.url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    store.sessions.configure(bind=store.engine)
+    processor = MailProcessor(config, store, redis_client)
+    [journal_id] = _journal(processor, make_mail(subject="Printer jams"))
+    holder = store.engine.connect()
+    try:
+        with pytest.raises(Unavailable, match="stay.*journaled for a retry"):
+            processor.process_many([journal_id])
+    finally:
+        holder.close()
+    with store.sessions() as s:
+        assert s.get(JournalEntry, journal_id).outcome is None
+    assert processor.process_many([journal_id])[0].outcome == "ticket_created"
