@@ -134,8 +134,8 @@ class MailProcessor:
     def process_many(self, journal_ids: Sequence[int]) -> list[Result]:
         """Run the pipeline on several journaled mails in one transaction; a result per id.
 
-        Each mail runs in a savepoint of its own, so one mail's failure (quarantine) or
-        conflict rolls back only that mail. A mail that needs a lock another transaction
+        One mail's failure (quarantine) or conflict rolls back only that mail: the batch runs
+        again with a savepoint per mail (`_transaction`). A mail that needs a lock another transaction
         holds is not waited for inside the batch (two batches waiting on each other would
         deadlock): it is processed alone after the batch has committed, as is a mail whose
         write collided with a concurrent writer's. One commit for the batch instead of one
@@ -394,9 +394,10 @@ def _record_outcome(entry: JournalEntry, ctx: MailContext, outcome: str, reason:
     """The mail's outcome for its journal row; the transaction writes it with its other mails' outcomes.
 
     One Core executemany for the batch (the unit of work costs more than the statement, and
-    the statement a round trip per mail, bench/README.md). Nothing reads the journal's outcome
-    columns before the commit but this process, from the loaded row, which is told the new
-    values as committed, so the ORM writes nothing twice.
+    the statement a round trip per mail, bench/README.md). Until then the values are only on
+    the loaded row, told them as committed (so the ORM writes nothing twice): code that reads a
+    journal row inside a batch reads it through the session (`session.get`), never by a SELECT
+    of its columns, as `resolve_back.outbox.latest_alert_mail` does.
     """
     values = {"outcome": outcome, "reason": reason, "failed_stage": failed_stage,
               "trace": [t.as_json() for t in ctx.trace], "processed_at": datetime.now(timezone.utc),

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import event, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from pipeline.store import leases
 from pipeline.store.db import Store
@@ -94,7 +94,10 @@ def latest_alert_mail(session: Session, ticket_id: int, vendor: str) -> int | No
                                                TimelineEntry.journal_id.is_not(None))
         .order_by(TimelineEntry.id.desc()).limit(ALERT_MAIL_LOOKBACK * 3))
     for journal_id in list(dict.fromkeys(journal_ids))[:ALERT_MAIL_LOOKBACK]:
-        trace = session.scalar(select(JournalEntry.trace).where(JournalEntry.id == journal_id))
+        # Through the session, not a SELECT: a mail of the same batch has its trace only on its
+        # loaded row until the batch writes the outcomes before committing (MailProcessor._attempt).
+        entry = session.get(JournalEntry, journal_id, options=[load_only(JournalEntry.trace)])
+        trace = entry.trace if entry is not None else None
         if any(isinstance(step, dict) and step.get("stage") == vendor and step.get("decision") == "alert"
                for step in trace or []):
             return journal_id

@@ -218,6 +218,29 @@ def test_a_technician_completing_an_alert_ticket_makes_exactly_one_call_with_the
     assert len(rmm_server.seen) == 1
 
 
+def test_an_alert_and_its_resolution_in_one_batch_make_the_call_for_that_alert(
+        make_rb_config, store, redis_client, rmm_server: RmmServer) -> None:
+    # The alert's trace is on its journal row only once the batch commits: the call must still find it.
+    config = make_rb_config(rmm_server.port)
+    processor = processor_for(config, store, redis_client)
+    number = datetime.now(timezone.utc).strftime("T%Y%m%d.0001")
+    raw = (FIXTURES / "datto_alert.eml").read_bytes().replace(b"To: support@msp.example", b"To: alerts@msp.example")
+    resolution = make_mail(from_="Tom Tech <tom@msp.example>", to="alerts@msp.example",
+                           subject=f"RE: [Ticket#{number}] Alert: Disk Usage Monitor - ACME-SRV01",
+                           body="#resolve\nFreed 20 GB on C: (old IIS logs).\n", top_headers=[AR_PASS])
+    ids = [processor.journal("alerts", raw, received_at=T0),
+           processor.journal("alerts", resolution, received_at=T0 + timedelta(hours=1))]
+
+    results = processor.process_many(ids)
+
+    assert [(r.outcome, r.entity["number"]) for r in results] == [("ticket_created", number), ("note_added", number)]
+    (row,) = calls(store)
+    assert row.alert_journal_id == ids[0]
+    assert run(store, config).done == [row.id]
+    (seen,) = rmm_server.seen
+    assert seen.path == f"/api/v2/alert/{ALERT_UID}/resolve?ticket={number}"
+
+
 def test_the_monitors_own_recovery_makes_no_call(make_rb_config, store, redis_client, rmm_server) -> None:
     config = make_rb_config(rmm_server.port)
     processor = processor_for(config, store, redis_client)
