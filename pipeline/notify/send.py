@@ -27,6 +27,7 @@ from typing import Iterator
 
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, selectinload
 from tenacity import (
     Retrying,
@@ -83,19 +84,42 @@ def claim(store: Store, ids: list[int], now: datetime, lease_seconds: float) -> 
     return leases.claim(store, Notification, "sending", ids, now, lease_seconds)
 
 
-def mark_sent(marks: Connection, nid: int) -> None:
-    # Right after each send, so that a crash resends as little as possible; on a bare connection
-    # with a statement built once, since it runs for every notification (half the time of a session).
-    with marks.begin():
-        marks.execute(_MARK_SENT, {"nid": nid, "at": utcnow()})
+class SentMarks:
+    """Records each sent row at once, so that a crash resends as little as possible.
 
+    One connection per send batch, with a statement built once, since it runs for every
+    notification; on PostgreSQL it autocommits, so a mark is one round trip, not three (BEGIN,
+    UPDATE, COMMIT), and as durable. A connection lost between two sends (an idle timeout, a
+    restart, a failover) is replaced once: the mark only moves a row from sending to sent.
+    """
 
-@contextmanager
-def _mark_connection(store: Store) -> Iterator[Connection]:
-    """The connection `mark_sent` commits on. On PostgreSQL it autocommits: each mark is one
-    round trip, not three (BEGIN, UPDATE, COMMIT), and as durable."""
-    with store.engine.connect() as conn:
-        yield conn.execution_options(isolation_level="AUTOCOMMIT") if store.dialect == "postgresql" else conn
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.conn: Connection | None = None
+
+    def __call__(self, nid: int) -> None:
+        for attempt in (1, 2):
+            try:
+                conn = self.conn or self._connect()
+                with conn.begin():
+                    conn.execute(_MARK_SENT, {"nid": nid, "at": utcnow()})
+                return
+            except (OperationalError, InterfaceError):
+                self.close()
+                if attempt == 2:
+                    raise
+
+    def _connect(self) -> Connection:
+        conn = self.store.engine.connect()
+        if self.store.dialect == "postgresql":
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        self.conn = conn
+        return conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 _MARK_SENT = (update(Notification)
@@ -300,12 +324,20 @@ def deliver(store: Store, config: Config, ids: list[int], *, lease_seconds: floa
     report.skipped = sorted(set(ids) - set(mine))
     if not mine:
         return report
+    mark_sent = SentMarks(store)
+    try:
+        return _send(store, config, mine, report, mark_sent)
+    finally:
+        mark_sent.close()
+
+
+def _send(store: Store, config: Config, mine: list[int], report: Report, mark_sent: SentMarks) -> Report:
     with store.sessions() as session:
         rows = session.scalars(select(Notification).options(selectinload(Notification.recipients))
                                .where(Notification.id.in_(mine)).order_by(Notification.id)).all()
         waiting = [build_message(n, config) for n in rows]
     try:
-        with _mark_connection(store) as marks, smtp_connection(config) as smtp:
+        with smtp_connection(config) as smtp:
             while waiting:
                 out = waiting[0]
                 try:
@@ -313,10 +345,13 @@ def deliver(store: Store, config: Config, ids: list[int], *, lease_seconds: floa
                 except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
                     transient, error = _row_error(exc)
                     _record_failure(store, out.id, error, transient, report)
+                    waiting.pop(0)
                 else:
-                    mark_sent(marks, out.id)
+                    # Off the list first: if the mark cannot be written, a delivered row must not be
+                    # handed back as unsent below (its lease lets the sweep take it much later).
+                    waiting.pop(0)
+                    mark_sent(out.id)
                     report.sent.append(out.id)
-                waiting.pop(0)
     except (*CONNECTION_ERRORS, smtplib.SMTPException) as exc:
         # Server down, connection lost, TLS or login refused: the rest waits for a retry. The
         # one in flight may have arrived without our seeing the 250; its resend keeps its Message-ID.

@@ -249,3 +249,26 @@ def test_each_notification_is_recorded_as_sent_before_the_next_one_goes_out(
                     ["sent"] + ["sending"] * 3,
                     ["sent"] * 2 + ["sending"] * 2,
                     ["sent"] * 3 + ["sending"]]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_database_connection_lost_between_two_sends_neither_loses_nor_repeats_a_notification(
+        processor: MailProcessor, store, config, smtp: SmtpServer) -> None:
+    from sqlalchemy import text
+
+    for i in range(3):
+        processor.ingest("support", make_mail(from_=f"user{i}@acme.example", subject=f"Issue {i}"), received_at=T0)
+    arrived = []
+
+    def drop_idle_connections(got) -> None:
+        arrived.append(got)
+        if len(arrived) == 2:  # an idle timeout, a restart or a failover while the SMTP server is slow
+            with store.engine.connect() as c:
+                c.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+                               " AND pid <> pg_backend_pid() AND state = 'idle'"))
+
+    smtp.inbox.on_mail = drop_idle_connections
+    assert len(send_pending(store, config).sent) == 3
+    assert [r.rcpt_tos[0] for r in smtp.inbox.received] == [f"user{i}@acme.example" for i in range(3)]
+    assert {row.status for row in outbox(store)} == {"sent"}
+    assert send_pending(store, config).sent == [] and smtp.inbox.count() == 3
