@@ -20,7 +20,7 @@ from typing import Sequence
 
 import redis
 from sqlalchemy import bindparam, func, insert, select, update
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -256,9 +256,9 @@ class MailProcessor:
              later: dict[int, BaseException | None], savepoint: bool) -> _Finished | None:
         """Run the stages on one mail (in a savepoint if asked); None when it must run again alone.
 
-        Without a savepoint, a failure raises `_Redo`: nothing but the whole transaction can
-        take back what the mail wrote. A lock found busy before the mail changed anything is
-        the exception, as it needs nothing taken back.
+        Without a savepoint, a failure after the mail changed something raises `_Redo`: nothing
+        but the whole transaction can take back what it wrote. A mail that fails, or finds a
+        lock busy, before it changed anything needs nothing taken back.
         """
         box = self.config.mailbox(entry.mailbox)
         ctx = MailContext(config=self.config, mailbox=box, raw=entry.raw,
@@ -304,7 +304,9 @@ class MailProcessor:
         except TRANSIENT:
             raise
         except Exception as exc:  # a bug or bad data in one mail must not stop the others
-            if changes_before is not None:
+            # Without a savepoint, only a mail that has changed nothing can be quarantined in place;
+            # a database error may have aborted the transaction on PostgreSQL, so it redoes too.
+            if changes_before is not None and (isinstance(exc, DBAPIError) or _changed(session, changes_before)):
                 raise _Redo from exc
             log.exception("mail #%s failed in stage %s", entry.id, stage_name)
             forget(session)

@@ -70,9 +70,11 @@ def test_one_failing_mail_is_quarantined_and_rolls_back_only_itself(make_config,
     ids = _journal(processor, make_mail(subject="Printer jams"),
                    make_mail(from_="New Person <new.person@contoso.example>", subject="POISON in the mail"),
                    make_mail(subject="Scanner jams"))
+    savepoints = _count_savepoints(store)
     results = processor.process_many(ids)
     assert [r.outcome for r in results] == ["ticket_created", "quarantined", "ticket_created"]
     assert "cannot handle this mail" in results[1].reason
+    assert savepoints == []  # it failed before writing anything: quarantined in place, no second run
     with store.sessions() as s:
         poisoned = s.get(JournalEntry, ids[1])
         assert poisoned.failed_stage == "extract" and poisoned.outcome == "quarantined"

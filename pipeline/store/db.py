@@ -92,13 +92,11 @@ def _count_changes(conn, _cursor, _statement, _parameters, context, _executemany
         conn.info[_CHANGES] = conn.info.get(_CHANGES, 0) + 1
 
 
+# On every engine, however made (a test may build its own): `changes` must never read a constant.
+event.listen(Engine, "before_cursor_execute", _count_changes)
+
+
 def make_engine(url: str) -> Engine:
-    engine = _engine(url)
-    event.listen(engine, "before_cursor_execute", _count_changes)
-    return engine
-
-
-def _engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
     if url.startswith("sqlite"):
