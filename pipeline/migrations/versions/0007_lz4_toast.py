@@ -40,6 +40,9 @@ def _lz4_available() -> bool:
 
 
 def _set(method: str) -> None:
+    # Each ALTER changes only the catalog, but takes its table's exclusive lock: behind a running
+    # batch it would wait, and everything after it with it. Better to fail and be run again.
+    op.execute("SET LOCAL lock_timeout = '10s'")
     for table, columns in LARGE_COLUMNS.items():
         for column in columns:
             op.execute(f'ALTER TABLE {table} ALTER COLUMN "{column}" SET COMPRESSION {method}')
