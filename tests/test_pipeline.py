@@ -177,6 +177,21 @@ def test_an_unknown_address_at_a_known_domain_belongs_to_that_account(processor:
         assert s.scalar(select(Contact).where(Contact.email == "carla.new@acme.example")).account.name == "Acme Corp"
 
 
+def test_an_address_at_a_subdomain_belongs_to_the_account_of_the_nearest_parent_domain(
+        processor: MailProcessor, store) -> None:
+    from pipeline.store.models import AccountDomain
+
+    with store.transaction() as s:
+        s.add(Account(name="Acme Europe", domains=[AccountDomain(domain="eu.acme.example")]))
+    senders = {"ana@mail.eu.acme.example": "Acme Europe",  # eu.acme.example is nearer than acme.example
+               "bo@mail.us.acme.example": "Acme Corp",
+               "cy@a.b.c.d.eu.acme.example": "Acme Europe"}  # more parents than the person query looks at
+    ids = [processor.journal("support", make_mail(from_=address, subject=f"VPN for {address}"), received_at=T0)
+           for address in senders]
+    results = processor.process_many(ids)  # one transaction: each domain's answer is remembered apart
+    assert [ticket(store, r.entity["number"])["account"] for r in results] == list(senders.values())
+
+
 def test_a_gmail_address_is_not_matched_by_domain(processor: MailProcessor, store) -> None:
     # Even when an account claims gmail.com, a public mail domain says nothing about the customer.
     with store.transaction() as s:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
 
-from sqlalchemy import String, bindparam, or_, select
+from sqlalchemy import Integer, Row, String, bindparam, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from pipeline.context import EntityRef, EntityType
@@ -110,23 +110,51 @@ _SEEN_BEFORE = select(
 )
 
 
-# Who an address is, read through Core (built once): every mail asks it for its sender.
+# Who an address is, read through Core (built once): every mail asks it for its sender. The
+# account owning the address's domain comes in the same round trip, for a sender who turns out
+# to be neither resource nor contact (a new contact's first mail): its domain and up to three
+# parent domains, the longest that matches winning.
+_DOMAINS = 4
 _probe = select(bindparam("email", type_=String).label("email")).subquery()
-_RES, _CON, _ACC = Resource.__table__, Contact.__table__, Account.__table__
+_RES, _CON, _ACC, _AD = Resource.__table__, Contact.__table__, Account.__table__, AccountDomain.__table__
+_NEAREST_DOMAIN, _DOMAIN_ACCOUNT = _AD.alias("nearest_domain"), _ACC.alias("domain_account")
+_nearest_account_id = (
+    select(_NEAREST_DOMAIN.c.account_id)
+    .where(_NEAREST_DOMAIN.c.domain.in_([bindparam(f"domain{i}", type_=String) for i in range(_DOMAINS)]))
+    .order_by(func.length(_NEAREST_DOMAIN.c.domain).desc()).limit(1).scalar_subquery()
+)
 _PERSON = (
     select(_RES.c.id.label("resource_id"), _RES.c.name.label("resource_name"),
            _CON.c.id.label("contact_id"), _CON.c.name.label("contact_name"), _CON.c.account_id,
-           _ACC.c.name.label("account_name"), _CON.c.notifications)
+           _ACC.c.name.label("account_name"), _CON.c.notifications,
+           _DOMAIN_ACCOUNT.c.id.label("domain_account_id"), _DOMAIN_ACCOUNT.c.name.label("domain_account_name"))
     .select_from(_probe)
     .outerjoin(_RES, _RES.c.email == _probe.c.email)
     .outerjoin(_CON, _CON.c.email == _probe.c.email)
     .outerjoin(_ACC, _ACC.c.id == _CON.c.account_id)
+    .outerjoin(_DOMAIN_ACCOUNT, _DOMAIN_ACCOUNT.c.id == _nearest_account_id)
 )
 
-# Asked for every sender who is neither a resource nor a contact (a new contact's first mail).
-_AD = AccountDomain.__table__
 _ACCOUNT_BY_DOMAIN = (select(_AD.c.domain, _ACC.c.id, _ACC.c.name).join_from(_AD, _ACC, _AD.c.account_id == _ACC.c.id)
                       .where(_AD.c.domain.in_(bindparam("domains", expanding=True))))
+
+# The duplicate-ticket rule's question for every new customer conversation. A None id compares
+# as unknown, never true, so one statement serves a contact, an account or both.
+_TICKETS = Ticket.__table__
+_OPEN_TICKET_LIKE = (
+    select(_TICKETS.c.id, _TICKETS.c.number)
+    .where(_TICKETS.c.subject_key == bindparam("subject_key"),
+           _TICKETS.c.status.in_([literal(s) for s in OPEN_STATUSES]),
+           or_(_TICKETS.c.contact_id == bindparam("contact_id", type_=Integer),
+               _TICKETS.c.account_id == bindparam("account_id", type_=Integer)))
+    .order_by(_TICKETS.c.id.desc()).limit(1)
+)
+
+
+def _parent_domains(domain: str) -> list[str]:
+    """mail.acme.example → [mail.acme.example, acme.example]: the names an account's domain may be."""
+    labels = domain.split(".")
+    return [".".join(labels[i:]) for i in range(len(labels) - 1)]
 
 
 class Lookups:
@@ -146,11 +174,18 @@ class Lookups:
         cache = self.session.info.setdefault(_CACHE, {})
         if ("resource", email) in cache and ("contact", email) in cache:
             return cache[("resource", email)], cache[("contact", email)]
-        row = self.session.connection().execute(_PERSON, {"email": email}).one()
+        domain = email.rsplit("@", 1)[-1]
+        candidates = _parent_domains(domain)
+        params = {"email": email, **{f"domain{i}": None for i in range(_DOMAINS)}}
+        params.update({f"domain{i}": c for i, c in enumerate(candidates[:_DOMAINS])})
+        row = self.session.connection().execute(_PERSON, params).one()
         resource = ResourceInfo(row.resource_id, row.resource_name) if row.resource_id is not None else None
         contact = (ContactInfo(row.contact_id, row.contact_name, row.account_id, row.account_name,
                                row.notifications) if row.contact_id is not None else None)
         remembered(self.session, ("resource", email), lambda: resource, absent_too=True)
+        if len(candidates) <= _DOMAINS:  # else `account_by_domain` asks for all of them
+            remembered(self.session, ("domain", domain), lambda: row.domain_account_id and AccountInfo(
+                row.domain_account_id, row.domain_account_name), absent_too=True)
         if contact is not None:  # a contact absent now may be created by the next mail of the batch
             remembered(self.session, ("contact", email), lambda: contact)
         return resource, contact
@@ -162,8 +197,7 @@ class Lookups:
                           absent_too=True)
 
     def _account_by_domain(self, domain: str) -> AccountInfo | None:
-        labels = domain.split(".")
-        candidates = [".".join(labels[i:]) for i in range(len(labels) - 1)]
+        candidates = _parent_domains(domain)
         if not candidates:
             return None
         rows = self.session.connection().execute(_ACCOUNT_BY_DOMAIN, {"domains": candidates}).all()
@@ -226,23 +260,15 @@ class Lookups:
             ).limit(1)
         ) is not None
 
-    def open_ticket_like(self, subject_key: str, contact_id: int | None, account_id: int | None) -> Ticket | None:
-        """The newest open ticket with this normalised subject from this contact (or account)."""
+    def open_ticket_like(self, subject_key: str, contact_id: int | None, account_id: int | None) -> Row | None:
+        """The newest open ticket (id, number) with this normalised subject from this contact (or account).
+
+        Only its id and number: the write stage reads the ticket itself under the entity lock."""
         if not subject_key or (contact_id is None and account_id is None):
             return None
-        who = []
-        if contact_id is not None:
-            who.append(Ticket.contact_id == contact_id)
-        if account_id is not None:
-            who.append(Ticket.account_id == account_id)
-        ticket = self.session.scalar(
-            select(Ticket)
-            .where(Ticket.subject_key == subject_key, Ticket.status.in_(OPEN_STATUSES), or_(*who))
-            .order_by(Ticket.id.desc())
-            .limit(1)
-            .execution_options(populate_existing=True)
-        )
-        return ticket and hold(self.session, ticket)  # the mail's note goes to it next
+        return self.session.connection().execute(
+            _OPEN_TICKET_LIKE, {"subject_key": subject_key, "contact_id": contact_id, "account_id": account_id}
+        ).first()
 
     def alert_ticket(self, alert_key: str, recovered_since: datetime) -> Ticket | None:
         """The newest ticket for this alert that is open, or Resolved by a recovery since `recovered_since`.
