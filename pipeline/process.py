@@ -2,8 +2,8 @@
 
 `MailProcessor` is what every entry point uses — `ingest`, `import`, the demo and the
 Celery process task: journal the raw mail first (D1.1), then run `PIPELINE` on it in one
-transaction (a process task's batch shares one; a mail that fails is undone alone, by a savepoint). A stage that
-raises `StopMail` ends the mail with that outcome; any other exception (a bug, a broken
+transaction (a process task's batch shares one; a mail that fails is undone alone, by a
+savepoint). A stage that raises `StopMail` ends the mail with that outcome; any other exception (a bug, a broken
 template) puts it in quarantine with the stage and error, and the next mail goes on. Redis or the database being down is not the mail's fault: it
 raises `Unavailable` and the mail stays journaled, unprocessed, for a retry.
 """
@@ -135,8 +135,8 @@ class MailProcessor:
         """Run the pipeline on several journaled mails in one transaction; a result per id.
 
         One mail's failure (quarantine) or conflict rolls back only that mail: the batch runs
-        again with a savepoint per mail (`_transaction`). A mail that needs a lock another transaction
-        holds is not waited for inside the batch (two batches waiting on each other would
+        again with a savepoint per mail (`_transaction`). A mail that needs a lock another
+        transaction holds is not waited for inside the batch (two batches waiting on each other would
         deadlock): it is processed alone after the batch has committed, as is a mail whose
         write collided with a concurrent writer's. One commit for the batch instead of one
         per mail is most of why batches are faster (bench/README.md).
