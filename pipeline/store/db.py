@@ -87,7 +87,7 @@ def changes(session: Session) -> int:
     return session.connection().info.get(_CHANGES, 0)
 
 
-def _count_changes(conn, _cursor, _statement, _parameters, context, _executemany) -> None:  # type: ignore[no-untyped-def]
+def _count_changes(conn, _cursor, _statement, _params, context, _many) -> None:  # type: ignore[no-untyped-def]
     if context is not None and (context.isinsert or context.isupdate or context.isdelete):
         conn.info[_CHANGES] = conn.info.get(_CHANGES, 0) + 1
 

@@ -135,8 +135,10 @@ _PERSON = (
     .outerjoin(_DOMAIN_ACCOUNT, _DOMAIN_ACCOUNT.c.id == _nearest_account_id)
 )
 
-_ACCOUNT_BY_DOMAIN = (select(_AD.c.domain, _ACC.c.id, _ACC.c.name).join_from(_AD, _ACC, _AD.c.account_id == _ACC.c.id)
-                      .where(_AD.c.domain.in_(bindparam("domains", expanding=True))))
+# The same rule for a domain with more parents than the person query takes: the longest match wins.
+_ACCOUNT_BY_DOMAIN = (select(_ACC.c.id, _ACC.c.name).join_from(_AD, _ACC, _AD.c.account_id == _ACC.c.id)
+                      .where(_AD.c.domain.in_(bindparam("domains", expanding=True)))
+                      .order_by(func.length(_AD.c.domain).desc()).limit(1))
 
 # The duplicate-ticket rule's question for every new customer conversation. A None id compares
 # as unknown, never true, so one statement serves a contact, an account or both.
@@ -200,12 +202,8 @@ class Lookups:
         candidates = _parent_domains(domain)
         if not candidates:
             return None
-        rows = self.session.connection().execute(_ACCOUNT_BY_DOMAIN, {"domains": candidates}).all()
-        by_domain = {d: AccountInfo(account_id, name) for d, account_id, name in rows}
-        for c in candidates:
-            if c in by_domain:
-                return by_domain[c]
-        return None
+        row = self.session.connection().execute(_ACCOUNT_BY_DOMAIN, {"domains": candidates}).first()
+        return AccountInfo(row.id, row.name) if row is not None else None
 
     def account_by_name(self, name: str) -> Account | None:
         return remembered(self.session, ("account", name),

@@ -29,7 +29,7 @@ def append(session: Session, model: type[Base], **values: Any) -> int:
     return session.connection().execute(_insert(model), values).inserted_primary_key[0]
 
 
-Row = TypeVar("Row", bound=Base)
+Model = TypeVar("Model", bound=Base)
 
 
 @cache
@@ -38,7 +38,7 @@ def _columns(model: type[Base]) -> tuple[tuple[str, Column], ...]:
     return tuple((a.key, a.columns[0]) for a in inspect(model).column_attrs if not a.columns[0].primary_key)
 
 
-def add_inserted(session: Session, obj: Row) -> Row:
+def add_inserted(session: Session, obj: Model) -> Model:
     """Insert a new object's row with a Core insert, then put the object in `session` as if loaded.
 
     For rows the transaction goes on changing (a new ticket, a new contact): they must be in the

@@ -166,7 +166,8 @@ def _sender_records(session: Session, ctx: MailContext) -> tuple[int, int | None
         account_id = _default_account(session, ctx.mailbox.unknown_sender.default_account).id
     if s.kind == "new_contact":
         # The ticket's contact, read by the notification plan.
-        contact = hold(session, add_inserted(session, Contact(email=s.address, name=s.name or "", account_id=account_id)))
+        contact = Contact(email=s.address, name=s.name or "", account_id=account_id)
+        hold(session, add_inserted(session, contact))
         # The notification plan reads it next (opted out?), and a later mail of the batch from the same address.
         remembered(session, ("contact", contact.email),
                    lambda: ContactInfo(contact.id, contact.name, account_id, s.account_name, contact.notifications))
