@@ -9,6 +9,7 @@ drafts are stored in the outbox with their Message-ID; the notify task sends the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session
 from pipeline.commands import CommandFailure
 from pipeline.context import MailContext
 from pipeline.lifecycle import settings_for
-from pipeline.notify.outbox import Draft, draft, entity_tag, sender_address, threading
+from pipeline.notify.outbox import Draft, draft, entity_tag, insert_outbox_row, sender_address, threading
 from pipeline.notify.recipients import (
     ANSWERS,
     Recipient,
@@ -36,6 +37,7 @@ from pipeline.store.models import (
     Task,
     Ticket,
     TimelineEntry,
+    utcnow,
 )
 from pipeline.store.rows import append, append_many
 
@@ -189,26 +191,45 @@ def rejection_notice(ctx: MailContext) -> Draft | None:
 
 def store_draft(session: Session, d: Draft, ctx: MailContext) -> int | None:
     """Put a draft in the outbox (its id), unless the loop breaker holds it back (then None, and the trace says why)."""
-    if d.event in ANSWERS:
-        settings = ctx.mailbox.notifications
-        for address in (a for a, role in d.recipients if role == "sender"):
-            sent = answers_in_window(session, address, settings.answer_window_seconds)
-            if sent >= settings.answer_limit:
-                ctx.note("notify", f"no {d.event} to {address}",
-                         f"loop breaker: {sent} automatic answers to {address} in the last "
-                         f"{settings.answer_window_seconds}s (limit {settings.answer_limit})")
-                return None
-    notification_id = append(
-        session, Notification,
+    settings = ctx.mailbox.notifications
+    guarded = [a for a, role in d.recipients if role == "sender"] if d.event in ANSWERS else []
+    values = dict(
         event=d.event, entity_type=d.entity_type, entity_id=d.entity_id, journal_id=ctx.journal_id,
         mailbox=ctx.mailbox.name, from_address=sender_address(ctx.mailbox),
         subject=d.subject, body_text=d.body_text, body_html=d.body_html, message_id=d.message_id,
         in_reply_to=d.in_reply_to, references=d.references,
     )
-    append_many(session, NotificationRecipient,
-                [{"notification_id": notification_id, "email": a, "role": r} for a, r in d.recipients])
+    if d.recipients and session.get_bind().dialect.name == "postgresql":
+        now = utcnow()
+        values.update(status="pending", attempts=0, created_at=now)
+        notification_id = insert_outbox_row(session, values, d.recipients, guarded, settings.answer_limit,
+                                            now - timedelta(seconds=settings.answer_window_seconds))
+        if notification_id is None:
+            if not _held_back(session, ctx, d, guarded):  # the count moved between the two statements
+                ctx.note("notify", f"no {d.event}", f"loop breaker: limit {settings.answer_limit} reached")
+            return None
+    else:
+        if _held_back(session, ctx, d, guarded):
+            return None
+        notification_id = append(session, Notification, **values)
+        append_many(session, NotificationRecipient,
+                    [{"notification_id": notification_id, "email": a, "role": r} for a, r in d.recipients])
     ctx.note("write", f"notification {d.event}", "to " + ", ".join(a for a, _ in d.recipients))
     return notification_id
+
+
+def _held_back(session: Session, ctx: MailContext, d: Draft, guarded: list[str]) -> bool:
+    """Whether the loop breaker holds `d` back: one of the `guarded` senders had its automatic answers
+    for the window already (the trace says which)."""
+    settings = ctx.mailbox.notifications
+    for address in guarded:
+        sent = answers_in_window(session, address, settings.answer_window_seconds)
+        if sent >= settings.answer_limit:
+            ctx.note("notify", f"no {d.event} to {address}",
+                     f"loop breaker: {sent} automatic answers to {address} in the last "
+                     f"{settings.answer_window_seconds}s (limit {settings.answer_limit})")
+            return True
+    return False
 
 
 def command_failed_notice(session: Session, ctx: MailContext, failures: list[CommandFailure]) -> None:

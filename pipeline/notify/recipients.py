@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import bindparam, func, literal, select
+from sqlalchemy import Select, bindparam, func, literal, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import Config
@@ -95,12 +95,19 @@ def opted_out(session: Session, email: str) -> str | None:
 
 # Built once, run through Core: it runs for every answer planned (bench/README.md, issue 10).
 _N, _R = Notification.__table__, NotificationRecipient.__table__
-_ANSWERS_TO = (
-    select(func.count()).select_from(_N.join(_R, _R.c.notification_id == _N.c.id))
-    # The events as a list of binds, not one expanding IN: that is rendered again at every execution.
-    .where(_R.c.email == bindparam("email"), _R.c.role == "sender", _N.c.event.in_([literal(e) for e in ANSWERS]),
-           _N.c.created_at >= bindparam("since"))
-)
+
+
+def answers_to(email: str = "email") -> Select:
+    """The count of automatic answers to the address bound as `email` since the time bound as `since`."""
+    return (
+        select(func.count()).select_from(_N.join(_R, _R.c.notification_id == _N.c.id))
+        # The events as a list of binds, not one expanding IN: that is rendered again at every execution.
+        .where(_R.c.email == bindparam(email), _R.c.role == "sender",
+               _N.c.event.in_([literal(e) for e in ANSWERS]), _N.c.created_at >= bindparam("since"))
+    )
+
+
+_ANSWERS_TO = answers_to()
 
 
 def answers_in_window(session: Session, email: str, window_seconds: int, now: datetime | None = None) -> int:

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from pipeline.process import MailProcessor
-from pipeline.store.models import Ticket
+from pipeline.store.models import Notification, NotificationRecipient, Ticket
 from tests.conftest import make_mail
 from tests.notify.helpers import send_pending, without_number
 from tests.notify.smtp import SmtpServer
@@ -96,3 +96,52 @@ def test_the_loop_guard_discards_a_flood_with_one_subject_and_answers_none_of_it
     send_pending(store, config)
     assert outcomes == ["ticket_created", "note_added"] + ["discarded"] * 4
     assert smtp.inbox.count() == 1
+
+
+def test_the_sixth_automatic_answer_in_an_hour_is_held_back_and_nothing_of_it_is_written(
+        processor: MailProcessor, store, config) -> None:
+    # Every mail a new subject, so the loop guard lets each through; the answer limit (5) holds the 6th.
+    results = [processor.ingest("support", make_mail(from_="Othercorp Helpdesk <helpdesk@othercorp.example>",
+                                                     subject=f"Case {i} received", body=f"case {i}\n"))
+               for i in range(6)]
+
+    assert [r.outcome for r in results] == ["ticket_created"] * 6
+    held = [s for s in results[5].trace if s.stage == "notify"]
+    assert [(s.decision, s.why) for s in held] == [(
+        "no ticket_created to helpdesk@othercorp.example",
+        "loop breaker: 5 automatic answers to helpdesk@othercorp.example in the last 3600s (limit 5)")]
+    with store.sessions() as s:
+        rows = s.execute(select(Notification.journal_id, func.count(NotificationRecipient.email))
+                         .join(NotificationRecipient).group_by(Notification.journal_id)
+                         .order_by(Notification.journal_id)).all()
+        orphans = s.scalar(select(func.count()).select_from(Notification)
+                           .where(~Notification.recipients.any()))
+    # One outbox row with its one recipient for each of the first five mails; none for the sixth.
+    assert rows == [(r.journal_id, 1) for r in results[:5]]
+    assert orphans == 0
+
+
+def test_an_outbox_row_and_its_recipient_are_one_statement_on_postgresql(
+        processor: MailProcessor, store, config) -> None:
+    from sqlalchemy import event
+
+    inserts: list[str] = []
+
+    def seen(_conn, _cursor, statement: str, *_args) -> None:
+        if "INSERT INTO notification" in statement:
+            inserts.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", seen)
+    try:
+        result = processor.ingest("support", make_mail(subject="Scanner offline"))
+    finally:
+        event.remove(store.engine, "before_cursor_execute", seen)
+
+    assert result.outcome == "ticket_created"
+    with store.sessions() as s:
+        recipients = s.execute(select(NotificationRecipient.email, NotificationRecipient.role)).all()
+        status, attempts, created = s.execute(select(Notification.status, Notification.attempts,
+                                                     Notification.created_at)).one()
+    assert recipients == [("jane@acme.example", "sender")]
+    assert (status, attempts) == ("pending", 0) and created is not None
+    assert len(inserts) == (1 if store.engine.dialect.name == "postgresql" else 2)
