@@ -33,7 +33,7 @@ from pipeline.dedup.loop_guard import LoopGuard
 from pipeline.errors import CannotRun
 from pipeline.logs import mail_context, update_mail_context
 from pipeline.notify.plan import rejection_notice, store_draft
-from pipeline.stages import PIPELINE, StageEnv
+from pipeline.stages import AHEAD, PIPELINE, Stage, StageEnv, prefetch
 from pipeline.store.db import Store, changes
 from pipeline.store.journal import is_import_ref, reopen_quarantined
 from pipeline.store.locks import NO_WAIT, Busy
@@ -50,6 +50,15 @@ BATCH_BYTES = 16 * 2**20
 # A pool with no connection free in time (the counters pool under a thread pool) is the database
 # being busy, not the mail's fault: retried like a dropped connection.
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OperationalError, InterfaceError, PoolTimeout)
+
+
+@dataclass
+class _Ahead:
+    """A mail of a batch after the store-free stages (`AHEAD`) ran on it with the others."""
+
+    ctx: MailContext
+    ran: int  # how many of them completed
+    error: Exception | None = None  # what the next one raised, raised again in the mail's turn
 
 
 class Unavailable(CannotRun):
@@ -214,6 +223,8 @@ class MailProcessor:
                     select(JournalEntry).where(JournalEntry.id.in_(journal_ids))
                     .order_by(JournalEntry.id).with_for_update())}
                 env = StageEnv(session, Lookups(session), self.loop_guard)
+                ahead = self._run_ahead(env, [entries[i] for i in journal_ids
+                                              if i in entries and entries[i].outcome is None]) if batch else {}
                 ids = journal_ids
                 for last in ([False, True] if batch else [True]):
                     for journal_id in ids:
@@ -225,7 +236,7 @@ class MailProcessor:
                             elif entry.outcome is not None:
                                 results[journal_id] = _stored_result(entry)
                             else:
-                                done = self._one(session, env, entry, later, savepoints)
+                                done = self._one(session, env, entry, later, savepoints, ahead.pop(journal_id, None))
                                 if done is not None:
                                     results[journal_id] = done.result
                                     finished.append(done)
@@ -253,17 +264,42 @@ class MailProcessor:
                          f" ({r.reason})" if r.reason else "")
         return later
 
+    def _context(self, entry: JournalEntry) -> MailContext:
+        return MailContext(config=self.config, mailbox=self.config.mailbox(entry.mailbox), raw=entry.raw,
+                           received_at=_aware(entry.received_at), journal_id=entry.id)
+
+    def _run_ahead(self, env: StageEnv, entries: list[JournalEntry]) -> dict[int, _Ahead]:
+        """Run the store-free stages on every mail of a batch, then prefetch the batch's reads.
+
+        What a stage raises here is kept and raised again in the mail's turn, so the mail
+        ends exactly as it would have alone (quarantined at the same stage, say).
+        """
+        ahead: dict[int, _Ahead] = {}
+        for entry in entries:
+            mailbox = self.config.mailbox(entry.mailbox).name
+            with mail_context(journal_id=entry.id, mailbox=mailbox):
+                state = ahead[entry.id] = _Ahead(self._context(entry), 0)
+                for stage in AHEAD:
+                    try:
+                        _run_stage(stage, state.ctx, env)
+                    except Exception as exc:
+                        state.error = exc
+                        break
+                    state.ran += 1
+        prefetch([a.ctx for a in ahead.values()], env)
+        return ahead
+
     def _one(self, session: Session, env: StageEnv, entry: JournalEntry,
-             later: dict[int, BaseException | None], savepoint: bool) -> _Finished | None:
+             later: dict[int, BaseException | None], savepoint: bool, ahead: _Ahead | None = None) -> _Finished | None:
         """Run the stages on one mail (in a savepoint if asked); None when it must run again alone.
 
+        `ahead`: the mail's state after the batch ran the store-free stages on all its mails.
         Without a savepoint, a failure after the mail changed something raises `_Redo`: nothing
         but the whole transaction can take back what it wrote. A mail that fails, or finds a
         lock busy, before it changed anything needs nothing taken back.
         """
-        box = self.config.mailbox(entry.mailbox)
-        ctx = MailContext(config=self.config, mailbox=box, raw=entry.raw,
-                          received_at=_aware(entry.received_at), journal_id=entry.id)
+        ctx = ahead.ctx if ahead is not None else self._context(entry)
+        box = ctx.mailbox
         update_mail_context(mailbox=box.name)
         stage_name = "journal"
         changes_before = None if savepoint else changes(session)
@@ -272,14 +308,15 @@ class MailProcessor:
             # A savepoint is rolled back on any exception, with what the mail created.
             with session.begin_nested() if savepoint else nullcontext():
                 try:
-                    for stage in PIPELINE:
+                    for index, stage in enumerate(PIPELINE):
                         stage_name = stage.name
                         update_mail_context(stage=stage_name)
-                        started = time.perf_counter()
-                        try:
-                            stage(ctx, env)
-                        finally:
-                            metrics.STAGE_SECONDS.labels(stage_name).observe(time.perf_counter() - started)
+                        if ahead is not None and index < ahead.ran:
+                            pass  # ran ahead, with the batch's other mails
+                        elif ahead is not None and index == ahead.ran and ahead.error is not None:
+                            raise ahead.error
+                        else:
+                            _run_stage(stage, ctx, env)
                         if ctx.mail is not None and stage_name == "parse":
                             update_mail_context(message_id=ctx.mail.message_id)
                     outcome, reason = ctx.outcome, None
@@ -372,6 +409,14 @@ class MailProcessor:
         except TRANSIENT as exc:
             raise Unavailable(_one_line(exc)) from None
         return _result(ctx, outcome, reason, None)
+
+
+def _run_stage(stage: Stage, ctx: MailContext, env: StageEnv) -> None:
+    started = time.perf_counter()
+    try:
+        stage(ctx, env)
+    finally:
+        metrics.STAGE_SECONDS.labels(stage.name).observe(time.perf_counter() - started)
 
 
 class _Redo(Exception):

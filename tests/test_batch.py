@@ -235,3 +235,97 @@ def test_a_mail_that_finds_no_free_database_connection_stays_journaled_for_a_ret
     with store.sessions() as s:
         assert s.get(JournalEntry, journal_id).outcome is None
     assert processor.process_many([journal_id])[0].outcome == "ticket_created"
+
+
+def _sent(store) -> list[str]:
+    """Every statement the store's engine sends from now on, one line each."""
+    from sqlalchemy import event
+
+    sent: list[str] = []
+    event.listen(store.engine, "before_cursor_execute",
+                 lambda _conn, _cursor, statement, *_args: sent.append(" ".join(statement.split())))
+    return sent
+
+
+def test_a_batch_asks_who_its_senders_are_and_whether_it_saw_them_once_not_per_mail(processor, store) -> None:
+    senders = ["Jane Doe <jane@acme.example>", "Kim Lee <kim.lee@fabrikam.example>", "Tom Tech <tom@msp.example>",
+               "Ann New <ann.new@acme.example>", "Ben New <ben@mail.fabrikam.example>",
+               "Cy Stranger <cy.stranger@gmail.com>"]
+    ids = _journal(processor, *[make_mail(from_=s, subject=f"Problem {n}") for n, s in enumerate(senders)])
+    sent = _sent(store)
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results[:2]] == ["ticket_created"] * 2
+    reads = [s for s in sent if s.startswith("SELECT")]
+    for key in ("resources.email", "contacts.email", "account_domains.domain", "processed_mail.identity",
+                "notifications.message_id"):
+        asked = [s for s in reads if f"WHERE {key} " in s]
+        assert len(asked) == 1, (key, asked)  # once for the batch, not once per mail
+    with store.sessions() as s:
+        from pipeline.store.models import Contact
+        ann = s.scalar(select(Contact).where(Contact.email == "ann.new@acme.example"))
+        ben = s.scalar(select(Contact).where(Contact.email == "ben@mail.fabrikam.example"))
+        # The nearest parent domain's account, as a mail alone would have found it.
+        assert (ann.account.name, ben.account.name) == ("Acme Corp", "Fabrikam")
+
+
+def test_a_batch_answers_its_reads_as_if_each_mail_had_run_alone(processor, store, make_config,
+                                                                  redis_client) -> None:
+    from pipeline.store.models import Contact
+
+    twice = make_mail(from_="Dee New <dee.new@acme.example>", subject="Monitor flickers")
+    mails = [twice, make_mail(from_="Dee New <dee.new@acme.example>", subject="Keyboard sticks"), twice,
+             b"this is not a mail at all", make_mail(from_="Dee New <dee.new@acme.example>", subject="Mouse")]
+    batch = processor.process_many(_journal(processor, *mails))
+    # The copy is seen by the identity its twin wrote earlier in the batch; the new sender is one
+    # contact, found by the second mail; the broken mail is quarantined in its turn.
+    assert [r.outcome for r in batch] == ["ticket_created", "ticket_created", "already_processed",
+                                          "quarantined", "ticket_created"]
+    assert batch[3].reason.startswith("unparseable")
+    with store.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Contact).where(Contact.email == "dee.new@acme.example")) == 1
+        assert s.get(JournalEntry, batch[3].journal_id).failed_stage == "parse"
+
+
+LATE_CONTACT = '''
+from sqlalchemy import create_engine, text
+
+
+class LateContact:
+    """Another worker commits a contact for late@acme.example while this batch runs (once)."""
+
+    name = "late_contact"
+
+    def __call__(self, ctx):
+        if "Printer" not in ctx.parsed.subject:
+            return
+        engine = create_engine(ctx.config.database_url)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO contacts (email, name, account_id, notifications) "
+                              "SELECT 'late@acme.example', 'Late Comer', id, true FROM accounts "
+                              "WHERE name = 'Acme Corp' ON CONFLICT (email) DO NOTHING"))
+        engine.dispose()
+'''
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_contact_another_worker_creates_after_the_batch_asked_is_found_not_duplicated(
+        make_config, store, redis_client, tmp_path: Path, monkeypatch) -> None:
+    from pipeline.store.models import Contact
+
+    (tmp_path / "batch_late_contact.py").write_text(textwrap.dedent(LATE_CONTACT))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = make_config(parser_stages='["ticket_number", "reply_reference", "batch_late_contact:LateContact"]')
+    processor = MailProcessor(config, store, redis_client)
+    ids = _journal(processor, make_mail(subject="Printer jams"),
+                   make_mail(from_="Late <late@acme.example>", subject="Monitor flickers"))
+    # The batch asked who late@ is before the other worker committed: its own insert of the contact
+    # collides, and the batch runs again, finding the contact the other worker made.
+    savepoints = _count_savepoints(store)
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["ticket_created", "ticket_created"]
+    assert savepoints  # the collision ran the batch again
+    with store.sessions() as s:
+        [late] = s.scalars(select(Contact).where(Contact.email == "late@acme.example"))
+        assert late.name == "Late Comer"
+        ticket = s.scalar(select(Ticket).where(Ticket.title == "Monitor flickers"))
+        assert ticket.contact_id == late.id

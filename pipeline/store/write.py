@@ -18,7 +18,7 @@ from pipeline.parsers.references import tag_pattern
 from pipeline.parsers.rmm import AlertRecord, alert_of, priority_for_severity
 from pipeline.parsers.subject import normalise_subject, ticket_title
 from pipeline.store.locks import lock_entity
-from pipeline.store.lookups import ContactInfo, Lookups, hold, remembered
+from pipeline.store.lookups import ContactInfo, Lookups, hold, remember, remembered
 from pipeline.store.models import (
     Account,
     Attachment,
@@ -114,8 +114,7 @@ def write_mail(session: Session, ctx: MailContext) -> None:
         size=part.size, content_id=part.content_id, data=b"" if part.skipped else part.data,
         skipped_reason=part.skipped, inline=part.inline,
     ) for part in mail.attachments])
-    # The store refuses the same mail twice: a concurrent duplicate fails here (D1.5.1).
-    append(session, ProcessedMail, identity=ctx.identity, journal_id=ctx.journal_id)
+    mark_processed(session, ctx)
     for d in plan_notifications(session, ctx, entity_type, entity_id, number, title, note):
         store_draft(session, d, ctx)
     ctx.note("write", f"{ctx.outcome.replace('_', ' ')}: {number}",
@@ -140,10 +139,17 @@ def _alert_repeat_counted(session: Session, ctx: MailContext, alert: AlertRecord
         return False
     ctx.outcome, ctx.entity = "note_added", {"type": "ticket", "number": ticket.number}
     ctx.written = Written("ticket", ticket.id, ticket.number, None, created=False, text="")
-    append(session, ProcessedMail, identity=ctx.identity, journal_id=ctx.journal_id)
+    mark_processed(session, ctx)
     ctx.note("write", f"repeat {n} counted on {ticket.number}", "no note: repeats of an open alert only count")
     session.flush()
     return True
+
+
+def mark_processed(session: Session, ctx: MailContext) -> None:
+    """Record the mail's identity as processed. The store refuses the same mail twice: a
+    concurrent duplicate fails here (D1.5.1); a later copy in this batch is told by the cache."""
+    append(session, ProcessedMail, identity=ctx.identity, journal_id=ctx.journal_id)
+    remember(session, ("processed", ctx.identity), ctx.journal_id)
 
 
 def mail_text(ctx: MailContext, body: str) -> str:
@@ -169,8 +175,8 @@ def _sender_records(session: Session, ctx: MailContext) -> tuple[int, int | None
         contact = Contact(email=s.address, name=s.name or "", account_id=account_id)
         hold(session, add_inserted(session, contact))
         # The notification plan reads it next (opted out?), and a later mail of the batch from the same address.
-        remembered(session, ("contact", contact.email),
-                   lambda: ContactInfo(contact.id, contact.name, account_id, s.account_name, contact.notifications))
+        remember(session, ("contact", contact.email.lower()),
+                 ContactInfo(contact.id, contact.name, account_id, s.account_name, contact.notifications))
         ctx.note("write", "contact created", f"{s.address} under {s.account_name}")
         return account_id, contact.id
     return account_id, None
