@@ -39,7 +39,7 @@ from pipeline.store.journal import is_import_ref, reopen_quarantined
 from pipeline.store.locks import NO_WAIT, Busy
 from pipeline.store.lookups import Lookups, forget
 from pipeline.store.models import JournalEntry
-from pipeline.store.rows import inserted_mark, take_back
+from pipeline.store.rows import flush_appended, hold_back_appends, inserted_mark, take_back
 
 log = logging.getLogger("pipeline.process")
 
@@ -218,6 +218,8 @@ class MailProcessor:
         try:
             with self.store.sessions() as session, session.begin():
                 session.info[NO_WAIT] = batch
+                if batch and not savepoints:
+                    hold_back_appends(session)  # a table's rows in one statement for the batch
                 # The row locks make a second worker handed the same ids wait, then see the outcomes.
                 entries = {e.id: e for e in session.scalars(
                     select(JournalEntry).where(JournalEntry.id.in_(journal_ids))
@@ -246,6 +248,14 @@ class MailProcessor:
                         ids = [i for i, why in later.items() if isinstance(why, Busy)]
                         for journal_id in ids:
                             del later[journal_id]
+                try:
+                    flush_appended(session)
+                except TRANSIENT:
+                    raise
+                except DBAPIError as exc:
+                    # A held-back row refused (a concurrent worker's copy of a mail, a trigger): only
+                    # a savepoint per mail, which writes at once, tells whose it is.
+                    raise _Redo from exc
                 outcomes = [done.journal_row for done in finished if done.journal_row]
                 if outcomes:
                     session.connection().execute(_RECORD_OUTCOME, outcomes)

@@ -329,3 +329,94 @@ def test_a_contact_another_worker_creates_after_the_batch_asked_is_found_not_dup
         assert late.name == "Late Comer"
         ticket = s.scalar(select(Ticket).where(Ticket.title == "Monitor flickers"))
         assert ticket.contact_id == late.id
+
+
+TRUSTED_TOM = "Authentication-Results: mx.msp.example; dkim=pass header.d=msp.example; dmarc=pass header.from=msp.example"
+
+
+def test_a_batch_writes_its_timeline_and_identity_marks_in_one_statement_each(processor, store) -> None:
+    from pipeline.store.models import ProcessedMail, TimelineEntry
+
+    ids = _journal(processor, *[make_mail(from_=f"User {n} <user{n}@acme.example>", subject=f"Outage {n}")
+                                for n in range(4)])
+    sent = _sent(store)
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["ticket_created"] * 4
+    assert len([s for s in sent if s.startswith("INSERT INTO timeline")]) == 1
+    assert len([s for s in sent if s.startswith("INSERT INTO processed_mail")]) == 1
+    with store.sessions() as s:
+        rows = s.scalars(select(TimelineEntry).order_by(TimelineEntry.id)).all()
+        assert [(r.journal_id, r.what) for r in rows] == [(i, "created") for i in ids]
+        assert sorted(s.scalars(select(ProcessedMail.journal_id))) == ids
+
+
+def test_a_status_command_in_a_batch_reads_the_timeline_it_has_not_yet_written(processor, store) -> None:
+    from pipeline.store.models import Notification, TimelineEntry
+
+    number = processor.ingest("support", make_mail(subject="Printer jams")).entity["number"]
+    ids = _journal(processor,
+                   make_mail(from_="Tom Tech <tom@msp.example>", subject=f"RE: [Ticket#{number}] Printer jams",
+                             body="#status Waiting Customer\nWhich tray?\n", top_headers=[TRUSTED_TOM]),
+                   make_mail(from_="Bob <bob@fabrikam.example>", subject="Invoice question"))
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["note_added", "ticket_created"]
+    with store.sessions() as s:
+        [notice] = s.scalars(select(Notification).where(Notification.event == "status_changed"))
+        assert "is now Waiting Customer (was In Progress)" in notice.body_text
+        ticket = s.scalar(select(Ticket).where(Ticket.number == number))
+        timeline = s.scalars(select(TimelineEntry).where(TimelineEntry.entity_id == ticket.id,
+                                                         TimelineEntry.entity_type == "ticket")
+                             .order_by(TimelineEntry.id)).all()
+        # The note's entry, held back, still comes before the ones the status command wrote at once.
+        assert [(t.what, t.journal_id) for t in timeline] == [
+            ("created", ids[0] - 1), ("note added", ids[0]), ("assigned", ids[0]),
+            ("first update by a resource", ids[0]), ("status changed", ids[0])]
+
+
+OTHER_WORKER_COPY = '''
+from sqlalchemy import create_engine, text
+
+IDENTITY, JOURNAL_ID = {identity!r}, {journal_id}
+
+
+class OtherWorkerCopy:
+    """Another worker finishes a copy of a mail of this batch (the same mail, another journal row)."""
+
+    name = "other_worker_copy"
+
+    def __call__(self, ctx):
+        if "Printer" not in ctx.parsed.subject:
+            return
+        engine = create_engine(ctx.config.database_url)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO processed_mail (identity, journal_id, created_at) "
+                              "VALUES (:i, :j, now()) ON CONFLICT DO NOTHING"), {{"i": IDENTITY, "j": JOURNAL_ID}})
+        engine.dispose()
+'''
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_mail_another_worker_finished_during_the_batch_is_refused_where_the_batch_writes_it(
+        make_config, store, redis_client, tmp_path: Path, monkeypatch) -> None:
+    from pipeline.parsers.mime import mail_identity, parse_mail
+    from pipeline.store.models import ProcessedMail
+
+    copy = make_mail(from_="Bob <bob@fabrikam.example>", subject="Invoice question")
+    plain = MailProcessor(make_config(), store, redis_client)
+    [elsewhere] = _journal(plain, copy)  # the other worker's journal row of the same mail
+    (tmp_path / "batch_other_worker.py").write_text(textwrap.dedent(OTHER_WORKER_COPY).format(
+        identity=mail_identity(parse_mail(copy)), journal_id=elsewhere))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = make_config(parser_stages='["ticket_number", "reply_reference", "batch_other_worker:OtherWorkerCopy"]')
+    processor = MailProcessor(config, store, redis_client)
+    ids = _journal(processor, make_mail(subject="Printer jams"), copy, make_mail(subject="Scanner jams"))
+    # The batch saw the copy as new and held its identity mark back; the store refuses the mark
+    # when the batch writes it, and the batch runs again, where the copy is seen as processed.
+    savepoints = _count_savepoints(store)
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["ticket_created", "already_processed", "ticket_created"]
+    assert results[1].reason == f"same mail as journal #{elsewhere}"
+    assert savepoints
+    with store.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Ticket)) == 2
+        assert sorted(s.scalars(select(ProcessedMail.journal_id))) == [elsewhere, ids[0], ids[2]]

@@ -87,6 +87,12 @@ def changes(session: Session) -> int:
     return session.connection().info.get(_CHANGES, 0)
 
 
+def count_change(session: Session) -> None:
+    """Count a change the session holds back to write later (`rows.append_later`): it is one."""
+    conn = session.connection()
+    conn.info[_CHANGES] = conn.info.get(_CHANGES, 0) + 1
+
+
 def _count_changes(conn, _cursor, _statement, _params, context, _many) -> None:  # type: ignore[no-untyped-def]
     if context is not None and (context.isinsert or context.isupdate or context.isdelete):
         conn.info[_CHANGES] = conn.info.get(_CHANGES, 0) + 1

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.context import EntityRef, EntityType
 from pipeline.lifecycle import OPEN, TicketState, state_of
+from pipeline.store.rows import flush_appended
 from pipeline.store.models import (
     Account,
     AccountDomain,
@@ -283,6 +284,7 @@ class Lookups:
         cache = self.session.info.get(_CACHE, {})
         if ("processed", identity) in cache and (message_id is None or ("ours", message_id) in cache):
             return message_id is not None and cache[("ours", message_id)], cache[("processed", identity)]
+        flush_appended(self.session)  # an identity this batch holds back is one it has seen
         notification_id, journal_id = self.session.connection().execute(
             _SEEN_BEFORE, {"message_id": message_id, "identity": identity}).one()
         return notification_id is not None, journal_id

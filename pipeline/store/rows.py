@@ -3,9 +3,16 @@ outbox rows — written with Core inserts in the caller's transaction.
 
 Nothing changes these rows in the transaction that writes them, so nothing needs them in the
 ORM's identity map, and the unit of work is the costliest part of a mail: flushing one such
-object costs about 0.4 ms of CPU, a Core insert 0.08 ms (bench/README.md, issue 10). The
-insert runs at once, so a later query in the same transaction (or savepoint) sees the row,
-and a savepoint's rollback takes it back like any other.
+object costs about 0.4 ms of CPU, a Core insert 0.08 ms (bench/README.md, issue 10). `append`
+inserts at once, so a later query in the same transaction (or savepoint) sees the row, and a
+savepoint's rollback takes it back like any other.
+
+A batch without savepoints holds back the rows nobody needs the id of (`append_later`: a
+mail's timeline entries and processed-identity mark) and writes each table's rows in one
+statement (`flush_appended`) instead of a round trip each: before it commits, before an
+`append` to a table with rows held back, and before an ORM query reads such a table. Until then the rows count
+as the mail's changes (`db.changes`), so a mail that fails after holding one back is undone by
+running the batch again with savepoints, which writes at once.
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ from __future__ import annotations
 from functools import cache
 from typing import Any, TypeVar
 
-from sqlalchemy import Column, Insert, insert, inspect
-from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy import Column, Insert, event, insert, inspect
+from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
+from sqlalchemy.sql.util import find_tables
 
+from pipeline.store.db import count_change
 from pipeline.store.models import Base
 
 
@@ -26,7 +35,51 @@ def _insert(model: type[Base]) -> Insert:
 
 def append(session: Session, model: type[Base], **values: Any) -> int:
     """Insert one row of `model`'s table now; its new id."""
+    pending = session.info.get(_PENDING)
+    if pending and any(held is model for held, _ in pending):
+        flush_appended(session)  # the table's held-back rows first: its ids in the order rows came
     return session.connection().execute(_insert(model), values).inserted_primary_key[0]
+
+
+# session.info key: the rows `append_later` holds back, by table and columns, in order.
+_PENDING = "mailloop.pending"
+
+
+def hold_back_appends(session: Session) -> None:
+    """From now on in this transaction, `append_later` holds its rows back until `flush_appended`."""
+    session.info[_PENDING] = {}
+
+
+def append_later(session: Session, model: type[Base], **values: Any) -> None:
+    """Append a row whose id nobody needs: held back if the transaction asked for it, else now."""
+    pending = session.info.get(_PENDING)
+    if pending is None:
+        append(session, model, **values)
+        return
+    pending.setdefault((model, tuple(values)), []).append(values)
+    count_change(session)
+
+
+def flush_appended(session: Session) -> None:
+    """Write the rows held back, one statement (executemany) per table and set of columns."""
+    pending = session.info.get(_PENDING)
+    if not pending:
+        return
+    groups = list(pending.items())
+    pending.clear()
+    conn = session.connection()
+    for (model, _columns), rows in groups:
+        conn.execute(_insert(model), rows)
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _flush_before_reading(state: ORMExecuteState) -> None:
+    """An ORM query of a table with rows held back sees them, as it would have had they been written."""
+    pending = state.session.info.get(_PENDING)
+    if pending and state.is_select:
+        held = {model.__table__ for model, _ in pending}
+        if not held.isdisjoint(find_tables(state.statement, include_aliases=True, include_joins=True)):
+            flush_appended(state.session)
 
 
 Model = TypeVar("Model", bound=Base)

@@ -30,7 +30,7 @@ from pipeline.store.models import (
     TimelineEntry,
 )
 from pipeline.store.numbers import allocate_number
-from pipeline.store.rows import add_inserted, append, append_many
+from pipeline.store.rows import add_inserted, append, append_later, append_many
 
 
 def write_mail(session: Session, ctx: MailContext) -> None:
@@ -146,9 +146,10 @@ def _alert_repeat_counted(session: Session, ctx: MailContext, alert: AlertRecord
 
 
 def mark_processed(session: Session, ctx: MailContext) -> None:
-    """Record the mail's identity as processed. The store refuses the same mail twice: a
-    concurrent duplicate fails here (D1.5.1); a later copy in this batch is told by the cache."""
-    append(session, ProcessedMail, identity=ctx.identity, journal_id=ctx.journal_id)
+    """Record the mail's identity as processed. The store refuses the same mail twice (D1.5.1):
+    a concurrent duplicate fails here, or where the batch writes its held-back rows (and the
+    batch runs again); a later copy in this batch is told by the cache."""
+    append_later(session, ProcessedMail, identity=ctx.identity, journal_id=ctx.journal_id)
     remember(session, ("processed", ctx.identity), ctx.journal_id)
 
 
@@ -212,7 +213,7 @@ def _note(session: Session, ctx: MailContext, entity_type: str, entity_id: int, 
 
 def timeline_entry(session: Session, ctx: MailContext, entity_type: str, entity_id: int, who: str, what: str,
               from_value: str | None, to_value: str | None, at: datetime | None = None) -> None:
-    append(session, TimelineEntry, entity_type=entity_type, entity_id=entity_id, who=who, what=what,
+    append_later(session, TimelineEntry, entity_type=entity_type, entity_id=entity_id, who=who, what=what,
            from_value=from_value, to_value=to_value, journal_id=ctx.journal_id,
            # The mail's time, as for the lifecycle's entries: one clock per mail.
            at=utc(at or ctx.received_at))
