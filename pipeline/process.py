@@ -3,7 +3,9 @@
 `MailProcessor` is what every entry point uses — `ingest`, `import`, the demo and the
 Celery process task: journal the raw mail first (D1.1), then run `PIPELINE` on it in one
 transaction (a process task's batch shares one; a mail that fails is undone alone, by a
-savepoint). A stage that raises `StopMail` ends the mail with that outcome; any other
+savepoint). A batch parses all its mails first and asks the store who their senders are, and
+whether it has seen them, once for all of them (`stages.AHEAD`, `stages.prefetch`); it writes
+the rows nobody needs the id of at the end, a table at a time (`rows.append_later`). A stage that raises `StopMail` ends the mail with that outcome; any other
 exception (a bug, a broken template) puts it in quarantine with the stage and error, and the
 next mail goes on. Redis or the database being down is not the mail's fault: it raises
 `Unavailable` and the mail stays journaled, unprocessed, for a retry.
@@ -44,7 +46,7 @@ from pipeline.store.rows import flush_appended, hold_back_appends, inserted_mark
 log = logging.getLogger("pipeline.process")
 
 # Raw mail per batch transaction, at most (a single larger mail runs alone): what a worker holds
-# in memory, twice over with the attachments, until the batch commits.
+# in memory until the batch commits, twice over once the batch has parsed all its mails ahead.
 BATCH_BYTES = 16 * 2**20
 
 # A pool with no connection free in time (the counters pool under a thread pool) is the database
