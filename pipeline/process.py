@@ -347,7 +347,8 @@ class MailProcessor:
             if changes_before is not None and (isinstance(exc, IntegrityError)
                                                or _changed(session, changes_before)):
                 raise _Redo from exc
-            forget(session)  # the cache may hold rows the savepoint created
+            if savepoint:  # else the mail changed nothing, and the batch's cache stays right
+                forget(session)  # the cache may hold rows the savepoint created
             take_back(session, inserted)
             later[entry.id] = exc
             return None

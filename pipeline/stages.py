@@ -28,7 +28,7 @@ from pipeline.parsers.rmm import AlertRecord, alert_of
 from pipeline.parsers.subject import normalise_subject
 from pipeline.registry import build_parser_stages
 from pipeline.store.apply import apply_changes
-from pipeline.store.locks import lock_conversation
+from pipeline.store.locks import lock_conversation, try_conversation_locks
 from pipeline.store.lookups import EntityInfo, Lookups
 from pipeline.store.write import write_mail
 from pipeline.trust import evaluate
@@ -423,9 +423,11 @@ AHEAD: tuple[Stage, ...] = tuple(takewhile(lambda stage: getattr(stage, "reads_s
 
 
 def prefetch(contexts: Iterable[MailContext], env: StageEnv) -> None:
-    """The attribute stage's and the first gate's reads for a batch's parsed mails: five round
-    trips for the batch instead of two per mail (bench/README.md, issue 10)."""
+    """The attribute stage's and the first gate's reads for a batch's parsed mails, and the
+    duplicate-ticket rule's conversation locks: six round trips for the batch instead of up to
+    three per mail (bench/README.md, issue 10)."""
     parsed = [ctx for ctx in contexts if ctx.mail is not None and ctx.identity]
     env.lookups.prefetch_people(address for ctx in parsed for address in (
         ctx.parsed.from_address, ctx.parsed.forwarded.from_address if ctx.parsed.forwarded else None))
     env.lookups.prefetch_seen((ctx.parsed.message_id, ctx.identity) for ctx in parsed)
+    try_conversation_locks(env.session, (normalise_subject(ctx.parsed.subject) for ctx in parsed))

@@ -420,3 +420,42 @@ def test_a_mail_another_worker_finished_during_the_batch_is_refused_where_the_ba
     with store.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Ticket)) == 2
         assert sorted(s.scalars(select(ProcessedMail.journal_id))) == [elsewhere, ids[0], ids[2]]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_batch_tries_its_conversation_locks_in_one_statement_and_still_defers_a_held_one(
+        processor, store) -> None:
+    from sqlalchemy import event
+
+    from pipeline.store.locks import _conversation, _key
+
+    ids = _journal(processor, make_mail(subject="Printer jams"), make_mail(subject="Fire alarm test"),
+                   make_mail(subject="Scanner jams"), make_mail(subject="Printer jams", body="Still jams.\n"))
+    holder = store.sessions()
+    holder.begin()
+    lock_conversation(holder, normalise_subject("Fire alarm test"))  # another worker's first mail of it
+    locks: list[tuple[str, object]] = []
+    event.listen(store.engine, "before_cursor_execute", lambda _c, _cur, statement, params, *_a: locks.append(
+        (statement.split("(")[0], params.get("keys") or params.get("key"))) if "advisory" in statement else None)
+    savepoints = _count_savepoints(store)
+    out: list = []
+    runner = threading.Thread(target=lambda: out.extend(processor.process_many(ids)))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not any(s == "SELECT pg_advisory_xact_lock" for s, _ in locks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        holder.rollback()
+        holder.close()
+    runner.join(30)
+    assert [r.outcome for r in out] == ["ticket_created", "ticket_created", "ticket_created", "note_added"]
+    fire, printer, scanner = (_key(_conversation(normalise_subject(s)))
+                              for s in ("Fire alarm test", "Printer jams", "Scanner jams"))
+    batch, *singles = locks
+    assert batch == ("SELECT k, pg_try_advisory_xact_lock", sorted({fire, printer, scanner}))
+    # The two it got are not asked again; the held one is, in its turn and after the others,
+    # then waited for alone once the batch has committed.
+    conversation = [(s, k) for s, k in singles if k in (fire, printer, scanner)]
+    assert conversation == [("SELECT pg_try_advisory_xact_lock", fire)] * 2 + [("SELECT pg_advisory_xact_lock", fire)]
+    assert savepoints == []  # a busy lock before any change is no reason to run the batch again

@@ -93,6 +93,18 @@ def count_change(session: Session) -> None:
     conn.info[_CHANGES] = conn.info.get(_CHANGES, 0) + 1
 
 
+@contextmanager
+def counted_already(session: Session) -> Iterator[None]:
+    """Statements that write what `count_change` counted when it was held back: not counted again,
+    or a mail that flushes an earlier mail's rows would look as if it had changed something."""
+    conn = session.connection()
+    before = conn.info.get(_CHANGES, 0)
+    try:
+        yield
+    finally:
+        conn.info[_CHANGES] = before
+
+
 def _count_changes(conn, _cursor, _statement, _params, context, _many) -> None:  # type: ignore[no-untyped-def]
     if context is not None and (context.isinsert or context.isupdate or context.isdelete):
         conn.info[_CHANGES] = conn.info.get(_CHANGES, 0) + 1

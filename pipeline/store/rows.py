@@ -24,7 +24,7 @@ from sqlalchemy import Column, Insert, event, insert, inspect
 from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
 from sqlalchemy.sql.util import find_tables
 
-from pipeline.store.db import count_change
+from pipeline.store.db import count_change, counted_already
 from pipeline.store.models import Base
 
 
@@ -68,8 +68,9 @@ def flush_appended(session: Session) -> None:
     groups = list(pending.items())
     pending.clear()
     conn = session.connection()
-    for (model, _columns), rows in groups:
-        conn.execute(_insert(model), rows)
+    with counted_already(session):
+        for (model, _columns), rows in groups:
+            conn.execute(_insert(model), rows)
 
 
 @event.listens_for(Session, "do_orm_execute")

@@ -39,6 +39,8 @@ def test_held_back_rows_are_one_statement_and_a_query_of_their_table_sees_them(d
         # An ORM query of the table, even of one column or through a join, sees them.
         assert session.scalar(select(func.count(TimelineEntry.id))) == 3
         assert len(inserts) == 1
+        # Written now, they are not counted again: a later mail that wrote nothing has changed nothing.
+        assert changes(session) == before + 3
         append_later(session, TimelineEntry, **_entry("status changed"))
         joined = select(Ticket.id).join(TimelineEntry, TimelineEntry.entity_id == Ticket.id)
         session.execute(joined).all()
