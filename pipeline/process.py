@@ -3,12 +3,13 @@
 `MailProcessor` is what every entry point uses — `ingest`, `import`, the demo and the
 Celery process task: journal the raw mail first (D1.1), then run `PIPELINE` on it in one
 transaction (a process task's batch shares one; a mail that fails is undone alone, by a
-savepoint). A batch parses all its mails first and asks the store who their senders are, and
-whether it has seen them, once for all of them (`stages.AHEAD`, `stages.prefetch`); it writes
-the rows nobody needs the id of at the end, a table at a time (`rows.append_later`). A stage that raises `StopMail` ends the mail with that outcome; any other
-exception (a bug, a broken template) puts it in quarantine with the stage and error, and the
-next mail goes on. Redis or the database being down is not the mail's fault: it raises
-`Unavailable` and the mail stays journaled, unprocessed, for a retry.
+savepoint). A batch parses all its mails first and asks the store who their senders are,
+whether it has seen them, and for their conversation locks, once for all of them
+(`stages.AHEAD`, `stages.prefetch`); it writes the rows nobody needs the id of at the end, a
+table at a time (`rows.append_later`). A stage that raises `StopMail` ends the mail with that
+outcome; any other exception (a bug, a broken template) puts it in quarantine with the stage
+and error, and the next mail goes on. Redis or the database being down is not the mail's
+fault: it raises `Unavailable` and the mail stays journaled, unprocessed, for a retry.
 """
 
 from __future__ import annotations
