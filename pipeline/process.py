@@ -289,9 +289,8 @@ class MailProcessor:
         """
         ahead: dict[int, _Ahead] = {}
         for entry in entries:
-            mailbox = self.config.mailbox(entry.mailbox).name
-            with mail_context(journal_id=entry.id, mailbox=mailbox):
-                state = ahead[entry.id] = _Ahead(self._context(entry), 0)
+            state = ahead[entry.id] = _Ahead(self._context(entry), 0)
+            with mail_context(journal_id=entry.id, mailbox=state.ctx.mailbox.name):
                 for stage in AHEAD:
                     try:
                         _run_stage(stage, state.ctx, env)

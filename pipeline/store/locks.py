@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 from typing import Iterable
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import BigInteger, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.types import BigInteger
 from sqlalchemy.orm import Session
 
 # session.info key: set while the session runs a batch; locks are then tried, never waited for.

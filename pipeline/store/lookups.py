@@ -11,7 +11,6 @@ from sqlalchemy.orm import Session
 
 from pipeline.context import EntityRef, EntityType
 from pipeline.lifecycle import OPEN, TicketState, state_of
-from pipeline.store.rows import flush_appended
 from pipeline.store.models import (
     Account,
     AccountDomain,
@@ -24,6 +23,7 @@ from pipeline.store.models import (
     Task,
     Ticket,
 )
+from pipeline.store.rows import flush_appended
 
 OPEN_STATUSES = OPEN
 

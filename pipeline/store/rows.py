@@ -10,9 +10,9 @@ savepoint's rollback takes it back like any other.
 A batch without savepoints holds back the rows nobody needs the id of (`append_later`: a
 mail's timeline entries and processed-identity mark) and writes each table's rows in one
 statement (`flush_appended`) instead of a round trip each: before it commits, before an
-`append` to a table with rows held back, and before an ORM query reads such a table. Until then the rows count
-as the mail's changes (`db.changes`), so a mail that fails after holding one back is undone by
-running the batch again with savepoints, which writes at once.
+`append` to a table with rows held back, and before an ORM query reads such a table. Until
+then the rows count as the mail's changes (`db.changes`), so a mail that fails after holding
+one back is undone by running the batch again with savepoints, which writes at once.
 """
 
 from __future__ import annotations
