@@ -286,25 +286,35 @@ def test_a_batch_answers_its_reads_as_if_each_mail_had_run_alone(processor, stor
         assert s.get(JournalEntry, batch[3].journal_id).failed_stage == "parse"
 
 
-LATE_CONTACT = '''
+ANOTHER_WORKER = '''
 from sqlalchemy import create_engine, text
 
 
-class LateContact:
-    """Another worker commits a contact for late@acme.example while this batch runs (once)."""
+class AnotherWorker:
+    """Another worker commits a row while this batch runs (at its "Printer" mail; once, on conflict nothing)."""
 
-    name = "late_contact"
+    name = "another_worker"
 
     def __call__(self, ctx):
         if "Printer" not in ctx.parsed.subject:
             return
         engine = create_engine(ctx.config.database_url)
         with engine.begin() as conn:
-            conn.execute(text("INSERT INTO contacts (email, name, account_id, notifications) "
-                              "SELECT 'late@acme.example', 'Late Comer', id, true FROM accounts "
-                              "WHERE name = 'Acme Corp' ON CONFLICT (email) DO NOTHING"))
+            conn.execute(text({statement!r}), {params!r})
         engine.dispose()
 '''
+
+
+def _meeting_another_worker(make_config, store, redis_client, tmp_path: Path, monkeypatch, module: str,
+                            statement: str, params: dict | None = None) -> MailProcessor:
+    """A processor whose batch meets a row another worker commits (`statement`) while it runs.
+
+    `module` names the parser stage's module: one per test, or the first test's stays imported."""
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(ANOTHER_WORKER).format(statement=statement,
+                                                                                 params=params or {}))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = make_config(parser_stages=f'["ticket_number", "reply_reference", "{module}:AnotherWorker"]')
+    return MailProcessor(config, store, redis_client)
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
@@ -312,10 +322,11 @@ def test_a_contact_another_worker_creates_after_the_batch_asked_is_found_not_dup
         make_config, store, redis_client, tmp_path: Path, monkeypatch) -> None:
     from pipeline.store.models import Contact
 
-    (tmp_path / "batch_late_contact.py").write_text(textwrap.dedent(LATE_CONTACT))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    config = make_config(parser_stages='["ticket_number", "reply_reference", "batch_late_contact:LateContact"]')
-    processor = MailProcessor(config, store, redis_client)
+    processor = _meeting_another_worker(
+        make_config, store, redis_client, tmp_path, monkeypatch, "batch_late_contact",
+        "INSERT INTO contacts (email, name, account_id, notifications) "
+        "SELECT 'late@acme.example', 'Late Comer', id, true FROM accounts "
+        "WHERE name = 'Acme Corp' ON CONFLICT (email) DO NOTHING")
     ids = _journal(processor, make_mail(subject="Printer jams"),
                    make_mail(from_="Late <late@acme.example>", subject="Monitor flickers"))
     # The batch asked who late@ is before the other worker committed: its own insert of the contact
@@ -373,28 +384,6 @@ def test_a_status_command_in_a_batch_reads_the_timeline_it_has_not_yet_written(p
             ("first update by a resource", ids[0]), ("status changed", ids[0])]
 
 
-OTHER_WORKER_COPY = '''
-from sqlalchemy import create_engine, text
-
-IDENTITY, JOURNAL_ID = {identity!r}, {journal_id}
-
-
-class OtherWorkerCopy:
-    """Another worker finishes a copy of a mail of this batch (the same mail, another journal row)."""
-
-    name = "other_worker_copy"
-
-    def __call__(self, ctx):
-        if "Printer" not in ctx.parsed.subject:
-            return
-        engine = create_engine(ctx.config.database_url)
-        with engine.begin() as conn:
-            conn.execute(text("INSERT INTO processed_mail (identity, journal_id, created_at) "
-                              "VALUES (:i, :j, now()) ON CONFLICT DO NOTHING"), {{"i": IDENTITY, "j": JOURNAL_ID}})
-        engine.dispose()
-'''
-
-
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_mail_another_worker_finished_during_the_batch_is_refused_where_the_batch_writes_it(
         make_config, store, redis_client, tmp_path: Path, monkeypatch) -> None:
@@ -404,11 +393,10 @@ def test_a_mail_another_worker_finished_during_the_batch_is_refused_where_the_ba
     copy = make_mail(from_="Bob <bob@fabrikam.example>", subject="Invoice question")
     plain = MailProcessor(make_config(), store, redis_client)
     [elsewhere] = _journal(plain, copy)  # the other worker's journal row of the same mail
-    (tmp_path / "batch_other_worker.py").write_text(textwrap.dedent(OTHER_WORKER_COPY).format(
-        identity=mail_identity(parse_mail(copy)), journal_id=elsewhere))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    config = make_config(parser_stages='["ticket_number", "reply_reference", "batch_other_worker:OtherWorkerCopy"]')
-    processor = MailProcessor(config, store, redis_client)
+    processor = _meeting_another_worker(
+        make_config, store, redis_client, tmp_path, monkeypatch, "batch_other_worker",
+        "INSERT INTO processed_mail (identity, journal_id, created_at) VALUES (:i, :j, now()) ON CONFLICT DO NOTHING",
+        {"i": mail_identity(parse_mail(copy)), "j": elsewhere})
     ids = _journal(processor, make_mail(subject="Printer jams"), copy, make_mail(subject="Scanner jams"))
     # The batch saw the copy as new and held its identity mark back; the store refuses the mark
     # when the batch writes it, and the batch runs again, where the copy is seen as processed.
