@@ -30,7 +30,7 @@ from pipeline.store.models import (
     TimelineEntry,
 )
 from pipeline.store.numbers import allocate_number
-from pipeline.store.rows import add_inserted, append, append_later, append_many
+from pipeline.store.rows import add_inserted, add_inserted_with, append, append_later, append_many
 
 
 def write_mail(session: Session, ctx: MailContext) -> None:
@@ -55,7 +55,8 @@ def write_mail(session: Session, ctx: MailContext) -> None:
     alert = alert_of(ctx)
     if alert is not None and target.kind == "existing" and _alert_repeat_counted(session, ctx, alert):
         return
-    account_id, contact_id = _sender_records(session, ctx)
+    # A new sender's contact is written with their new ticket, in one statement where the store can.
+    account_id, contact_id, new_contact = _sender_records(session, ctx, with_ticket=target.kind == "new_ticket")
     who = ctx.sender.address
     numbering = ctx.config.settings.numbering
     title = ticket_title(mail.subject, tag_pattern(numbering.ticket_tag, numbering.ticket))
@@ -84,7 +85,11 @@ def write_mail(session: Session, ctx: MailContext) -> None:
             alert_key=alert.key if alert else None,
             alert_last_seen_at=utc(ctx.received_at) if alert else None,
         )
-        hold(session, add_inserted(session, ticket))
+        if new_contact is not None:
+            hold(session, add_inserted_with(session, new_contact, ticket, "contact_id"))
+            _contact_created(session, ctx, new_contact)
+        else:
+            hold(session, add_inserted(session, ticket))
         entity_type, entity_id, number = "ticket", ticket.id, ticket.number
         timeline_entry(session, ctx, entity_type, entity_id, who, "created", None, ticket.status)
         if target.link_to_ticket_id:
@@ -163,24 +168,35 @@ def mail_text(ctx: MailContext, body: str) -> str:
     return not_applied_text(remaining, ctx.commands, ctx.commands_why)
 
 
-def _sender_records(session: Session, ctx: MailContext) -> tuple[int, int | None]:
-    """The account and contact the mail belongs to, creating what policy says to create."""
+def _sender_records(session: Session, ctx: MailContext, *,
+                    with_ticket: bool) -> tuple[int, int | None, Contact | None]:
+    """The account and contact the mail belongs to, creating what policy says to create.
+
+    `with_ticket`: a contact to create is returned unwritten (the third value), for the caller to
+    write with the new ticket (`add_inserted_with`) and then pass to `_contact_created`.
+    """
     s = ctx.sender
     if s.kind == "contact":
-        return s.account_id, s.contact_id
+        return s.account_id, s.contact_id, None
     account_id = s.account_id
     if account_id is None:
         account_id = _default_account(session, ctx.mailbox.unknown_sender.default_account).id
     if s.kind == "new_contact":
-        # The ticket's contact, read by the notification plan.
         contact = Contact(email=s.address, name=s.name or "", account_id=account_id)
-        hold(session, add_inserted(session, contact))
-        # The notification plan reads it next (opted out?), and a later mail of the batch from the same address.
-        remember(session, ("contact", contact.email.lower()),
-                 ContactInfo(contact.id, contact.name, account_id, s.account_name, contact.notifications))
-        ctx.note("write", "contact created", f"{s.address} under {s.account_name}")
-        return account_id, contact.id
-    return account_id, None
+        if with_ticket:
+            return account_id, None, contact
+        add_inserted(session, contact)
+        _contact_created(session, ctx, contact)
+        return account_id, contact.id, None
+    return account_id, None, None
+
+
+def _contact_created(session: Session, ctx: MailContext, contact: Contact) -> None:
+    hold(session, contact)  # the ticket's contact, read by the notification plan
+    # The notification plan reads it next (opted out?), and a later mail of the batch from the same address.
+    remember(session, ("contact", contact.email.lower()),
+             ContactInfo(contact.id, contact.name, contact.account_id, ctx.sender.account_name, contact.notifications))
+    ctx.note("write", "contact created", f"{ctx.sender.address} under {ctx.sender.account_name}")
 
 
 def _default_account(session: Session, name: str) -> Account:

@@ -7,8 +7,16 @@ from datetime import datetime, timezone
 from sqlalchemy import event, func, select
 
 from pipeline.store.db import Store, changes
-from pipeline.store.models import Ticket, TimelineEntry
-from pipeline.store.rows import append, append_later, flush_appended, hold_back_appends
+from pipeline.store.models import Account, Contact, Ticket, TimelineEntry
+from pipeline.store.rows import (
+    add_inserted_with,
+    append,
+    append_later,
+    flush_appended,
+    hold_back_appends,
+    inserted_mark,
+    take_back,
+)
 
 AT = datetime(2026, 12, 2, 9, 0, tzinfo=timezone.utc)
 
@@ -21,7 +29,7 @@ def _entry(what: str, entity_id: int = 7) -> dict:
 def _inserts(store: Store) -> list[str]:
     sent: list[str] = []
     event.listen(store.engine, "before_cursor_execute",
-                 lambda _c, _cur, statement, *_a: sent.append(statement) if statement.startswith("INSERT") else None)
+                 lambda _c, _cur, statement, *_a: sent.append(statement) if statement.lstrip().startswith(("INSERT", "WITH")) else None)
     return sent
 
 
@@ -70,4 +78,57 @@ def test_without_holding_back_a_row_is_written_at_once(db_url: str) -> None:
     with store.transaction() as session:
         append_later(session, TimelineEntry, **_entry("created"))
         assert len(inserts) == 1
+    store.dispose()
+
+
+def test_a_new_contact_and_its_ticket_are_written_together_and_read_back_as_written(db_url: str) -> None:
+    store = Store(db_url)
+    store.upgrade()
+    with store.transaction() as session:
+        account = Account(name="Contoso")
+        session.add(account)
+        session.flush()
+        account_id = account.id
+    inserts = _inserts(store)
+    with store.transaction() as session:
+        hold_back_appends(session)
+        append_later(session, TimelineEntry, **_entry("created"))  # another table's: it stays held back
+        contact = Contact(email="anna.berg@contoso.example", name="Anna Berg", account_id=account_id)
+        ticket = Ticket(number="T20261202.0001", title="Printer on floor 3 offline", account_id=account_id)
+        assert add_inserted_with(session, contact, ticket, "contact_id") is ticket
+        # The contact's row and the ticket's row are one statement on PostgreSQL.
+        assert len(inserts) == (1 if db_url.startswith("postgresql") else 2)
+        assert ticket.contact_id == contact.id and contact.id is not None
+        # In the session as loaded, with their defaults: reading them costs no query.
+        sent = len(inserts)
+        assert (ticket.status, ticket.contact.email, contact.notifications) == ("New", "anna.berg@contoso.example",
+                                                                               contact.notifications)
+        assert session.get(Contact, contact.id) is contact and len(inserts) == sent
+        ticket_id, contact_id = ticket.id, contact.id
+        flush_appended(session)
+    with store.sessions() as session:
+        stored = session.get(Ticket, ticket_id)
+        assert (stored.contact_id, stored.contact.name, stored.title) == (contact_id, "Anna Berg",
+                                                                           "Printer on floor 3 offline")
+        assert session.scalar(select(func.count(TimelineEntry.id))) == 1
+    store.dispose()
+
+
+def test_a_savepoint_rolled_back_takes_back_the_contact_and_the_ticket_written_together(db_url: str) -> None:
+    store = Store(db_url)
+    store.upgrade()
+    with store.transaction() as session:
+        account = Account(name="Contoso")
+        session.add(account)
+        session.flush()
+        mark = inserted_mark(session)
+        savepoint = session.begin_nested()
+        contact = Contact(email="anna.berg@contoso.example", name="Anna Berg", account_id=account.id)
+        add_inserted_with(session, contact, Ticket(number="T20261202.0001", title="x", account_id=account.id),
+                          "contact_id")
+        savepoint.rollback()
+        take_back(session, mark)
+        assert contact not in session
+        assert session.scalar(select(func.count(Contact.id))) == 0
+        assert session.scalar(select(func.count(Ticket.id))) == 0
     store.dispose()
