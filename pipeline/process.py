@@ -218,6 +218,7 @@ class MailProcessor:
                  savepoints: bool) -> dict[int, BaseException | None]:
         later: dict[int, BaseException | None] = {}
         finished: list[_Finished] = []
+        env: StageEnv | None = None
         try:
             with self.store.sessions() as session, session.begin():
                 session.info[NO_WAIT] = batch
@@ -267,6 +268,9 @@ class MailProcessor:
                 results.pop(done.result.journal_id, None)  # type: ignore[arg-type]
             raise Unavailable(f"mail #{journal_ids[0]}{' and others' if len(journal_ids) > 1 else ''} "
                               f"stay(s) journaled for a retry: {_one_line(exc)}") from None
+        finally:
+            if env is not None and env.asked_ahead is not None:
+                env.asked_ahead.forget_unused()  # what mails that never reached the gate counted
         # Committed: only now are the outcomes facts worth counting.
         for done in finished:
             metrics.mail_done(*done.metrics)

@@ -12,14 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 from itertools import takewhile
-from typing import Iterable, Protocol
+from typing import Any, Iterable, Protocol
 
 from sqlalchemy.orm import Session
 
 from pipeline.attribute import decide_sender
 from pipeline.commands import command_authority, parse_commands, parse_customer_answer
 from pipeline.context import MailContext, Sender, StopMail, Target
-from pipeline.dedup.loop_guard import LoopGuard
+from pipeline.dedup.loop_guard import AskedAhead, LoopGuard
 from pipeline.lifecycle import effective_status, settings_for, utc
 from pipeline.notify.plan import status_changed_notice
 from pipeline.parsers.mime import Unparseable, mail_identity, parse_mail
@@ -39,6 +39,7 @@ class StageEnv:
     session: Session
     lookups: Lookups
     loop_guard: LoopGuard
+    asked_ahead: AskedAhead | None = None  # a batch's loop-guard answers, asked before the mails' turns
 
 
 class Stage(Protocol):
@@ -266,12 +267,10 @@ class LoopGuardGate:
         if ctx.sender.kind == "resource" and ctx.trust.passed and settings.exempt_trusted_resources:
             ctx.note(self.name, "exempt", "authenticated resource")
             return
-        subject_key = normalise_subject(ctx.parsed.subject)
-        decision = env.loop_guard.check(
-            mailbox=ctx.mailbox.name, sender=ctx.parsed.from_address, normalised_subject=subject_key,
-            at=ctx.received_at.timestamp(), member=str(ctx.journal_id or ""),
-            limit=settings.limit, window_seconds=settings.window_seconds, peek=ctx.dry_run,
-        )
+        question = self.question(ctx)
+        subject_key = question["normalised_subject"]
+        decision = ((env.asked_ahead and env.asked_ahead.take(ctx.journal_id, question))
+                    or env.loop_guard.check(**question))
         window = f"{settings.limit} per {settings.window_seconds}s"
         if not decision.admitted:
             why = (f"{decision.seen} mails from {ctx.parsed.from_address} with subject {subject_key!r} "
@@ -280,6 +279,15 @@ class LoopGuardGate:
             raise StopMail("discarded", f"loop guard: {why}")
         seen = "counted before (replay)" if decision.seen < 0 else f"{decision.seen + 1} of {settings.limit}"
         ctx.note(self.name, "pass", f"{seen} in the window ({window})")
+
+    @staticmethod
+    def question(ctx: MailContext) -> dict[str, Any]:
+        """What the gate asks the loop guard about this mail (`LoopGuard.check`'s arguments)."""
+        settings = ctx.config.loop_guard_for(ctx.mailbox)
+        return dict(mailbox=ctx.mailbox.name, sender=ctx.parsed.from_address,
+                    normalised_subject=normalise_subject(ctx.parsed.subject), at=ctx.received_at.timestamp(),
+                    member=str(ctx.journal_id or ""), limit=settings.limit,
+                    window_seconds=settings.window_seconds, peek=ctx.dry_run)
 
 
 class AutoReplyGate:
@@ -423,11 +431,31 @@ AHEAD: tuple[Stage, ...] = tuple(takewhile(lambda stage: getattr(stage, "reads_s
 
 
 def prefetch(contexts: Iterable[MailContext], env: StageEnv) -> None:
-    """The attribute stage's and the first gate's reads for a batch's parsed mails, and the
-    duplicate-ticket rule's conversation locks: six round trips for the batch instead of up to
-    three per mail (bench/README.md, issue 10)."""
+    """The attribute stage's and the first gate's reads for a batch's parsed mails, the loop
+    guard's checks and the duplicate-ticket rule's conversation locks: seven round trips for the
+    batch instead of up to four per mail (bench/README.md, issue 10)."""
     parsed = [ctx for ctx in contexts if ctx.mail is not None and ctx.identity]
     env.lookups.prefetch_people(address for ctx in parsed for address in (
         ctx.parsed.from_address, ctx.parsed.forwarded.from_address if ctx.parsed.forwarded else None))
     env.lookups.prefetch_seen((ctx.parsed.message_id, ctx.identity) for ctx in parsed)
+    env.asked_ahead = AskedAhead(env.loop_guard, _loop_questions(parsed, env))
     try_conversation_locks(env.session, (normalise_subject(ctx.parsed.subject) for ctx in parsed))
+
+
+def _loop_questions(parsed: list[MailContext], env: StageEnv) -> dict[int, dict[str, Any]]:
+    """The loop guard's question for each mail of a batch that will most likely reach the gate
+    unexempted: not from a trusted resource. A mail whose key another mail of the batch shares
+    (a looping sender, an alert storm) is asked in its turn, where its answer depends on theirs."""
+    asked: dict[int, tuple[str, dict[str, Any]]] = {}
+    by_key: dict[str, int] = {}
+    for ctx in parsed:
+        q = LoopGuardGate.question(ctx)
+        key = env.loop_guard.key(q["mailbox"], q["sender"], q["normalised_subject"])
+        by_key[key] = by_key.get(key, 0) + 1  # every mail counts here, asked ahead or not
+        if ctx.trust is None or ctx.dry_run or ctx.journal_id is None or not ctx.parsed.from_address:
+            continue
+        resource, _contact = env.lookups.person(ctx.parsed.from_address)
+        if resource and ctx.trust.passed and ctx.config.loop_guard_for(ctx.mailbox).exempt_trusted_resources:
+            continue
+        asked[ctx.journal_id] = key, q
+    return {journal_id: q for journal_id, (key, q) in asked.items() if by_key[key] == 1}
