@@ -447,3 +447,60 @@ def test_a_batch_tries_its_conversation_locks_in_one_statement_and_still_defers_
     conversation = [(s, k) for s, k in singles if k in (fire, printer, scanner)]
     assert conversation == [("SELECT pg_try_advisory_xact_lock", fire)] * 2 + [("SELECT pg_advisory_xact_lock", fire)]
     assert savepoints == []  # a busy lock before any change is no reason to run the batch again
+
+
+def _redis_round_trips(monkeypatch) -> list[str]:
+    """Every loop-guard round trip to (real) Redis from now on: 'EVALSHA' alone, or 'pipeline'."""
+    import redis
+    from redis.client import Pipeline
+
+    trips: list[str] = []
+    single, many = redis.Redis.execute_command, Pipeline.execute
+
+    def execute_command(self, *args, **options):
+        if args and args[0] == "EVALSHA":
+            trips.append("EVALSHA")
+        return single(self, *args, **options)
+
+    def execute(self, *args, **kwargs):
+        trips.append("pipeline " + " ".join(sorted({str(c[0][0]) for c in self.command_stack})))
+        return many(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", execute_command)
+    monkeypatch.setattr(Pipeline, "execute", execute)
+    return trips
+
+
+def test_a_batch_asks_the_loop_guard_in_one_round_trip_and_decides_as_mail_by_mail(
+        make_config, store, redis_client, key_prefix, tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "batch_poison.py").write_text(textwrap.dedent(POISON))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = make_config(parser_stages='["ticket_number", "reply_reference", "batch_poison:Poison"]')
+    processor = MailProcessor(config, store, redis_client)
+    nas = "NAS01 <nas01@fabrikam.example>"
+    mails = [make_mail(subject="Printer jams"), make_mail(from_=nas, subject="Backup failed", body="run 1\n"),
+             make_mail(subject="POISON in the mail"), make_mail(from_=nas, subject="Backup failed", body="run 2\n"),
+             make_mail(from_="Kim Lee <kim.lee@fabrikam.example>", subject="Scanner jams"),
+             make_mail(from_=nas, subject="Backup failed", body="run 3\n")]
+    ids = _journal(processor, *mails)
+    trips = _redis_round_trips(monkeypatch)
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["ticket_created", "ticket_created", "quarantined", "note_added",
+                                            "ticket_created", "discarded"]
+    # The three mails with a key of their own in one round trip; the looping sender's three, whose
+    # answers depend on each other, one by one; the poisoned mail's count taken back in one more.
+    assert trips == ["pipeline EVALSHA", "EVALSHA", "EVALSHA", "EVALSHA", "pipeline ZREM"]
+    guard = processor.loop_guard
+
+    def counted(from_address: str, subject: str) -> list[int]:
+        return sorted(int(m) for m in redis_client.zrange(guard.key("support", from_address, subject), 0, -1))
+
+    # What Redis counts is what the gate, one mail at a time, would have counted.
+    assert counted("jane@acme.example", "printer jams") == [ids[0]]
+    assert counted("jane@acme.example", "poison in the mail") == []  # quarantined before the gate
+    assert counted("nas01@fabrikam.example", "backup failed") == [ids[1], ids[3]]
+    assert counted("kim.lee@fabrikam.example", "scanner jams") == [ids[4]]
+    # The trace says what it says mail by mail.
+    gate = [step for step in results[0].trace if step.stage == "loop_guard"]
+    assert gate[0].decision == "pass" and gate[0].why.startswith("1 of 2")
+    assert [step.why for step in results[5].trace if step.stage == "loop_guard"][0].startswith("2 mails from nas01")

@@ -65,3 +65,26 @@ def test_processes_racing_on_one_key_let_exactly_two_through(key_prefix) -> None
         for p in procs:
             p.join(timeout=60)
         assert sum(admitted) == 2, admitted
+
+
+def _question(member: str, at: float, sender: str = "alerts@acme.example") -> dict:
+    return dict(mailbox="support", sender=sender, normalised_subject="disk full", at=at, member=member, **WINDOW)
+
+
+def test_checks_asked_together_decide_as_the_same_checks_one_at_a_time(redis_client, key_prefix) -> None:
+    together, alone = LoopGuard(redis_client, key_prefix + "a:"), LoopGuard(redis_client, key_prefix + "b:")
+    questions = [_question("1", 1000.0), _question("2", 1060.0), _question("3", 1090.0, "nas01@acme.example"),
+                 _question("4", 1120.0), _question("2", 1060.0)]
+    asked = together.check_many(questions)
+    one_by_one = [alone.check(**q) for q in questions]
+    assert [(d.admitted, d.seen) for d in asked] == [(d.admitted, d.seen) for d in one_by_one] == [
+        (True, 0), (True, 1), (True, 0), (False, 2), (True, -1)]
+
+
+def test_a_count_taken_back_frees_its_place_in_the_window(redis_client, key_prefix) -> None:
+    guard = LoopGuard(redis_client, key_prefix)
+    first, second = guard.check_many([_question("1", 1000.0), _question("2", 1060.0)])
+    assert not guard.check(**_question("3", 1090.0)).admitted
+    guard.uncount([second])  # mail 2 never reached the gate
+    assert guard.check(**_question("3", 1090.0)).admitted
+    assert redis_client.zrange(first.key, 0, -1) == [b"1", b"3"]
