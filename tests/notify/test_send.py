@@ -272,3 +272,40 @@ def test_a_database_connection_lost_between_two_sends_neither_loses_nor_repeats_
     assert [r.rcpt_tos[0] for r in smtp.inbox.received] == [f"user{i}@acme.example" for i in range(3)]
     assert {row.status for row in outbox(store)} == {"sent"}
     assert send_pending(store, config).sent == [] and smtp.inbox.count() == 3
+
+
+def test_a_notification_on_the_wire_has_short_headers_as_written_and_long_ones_folded(config) -> None:
+    from email import message_from_bytes
+    from email.generator import BytesGenerator
+    from email.policy import compat32
+    from io import BytesIO
+
+    from pipeline.notify.send import build_message
+    from pipeline.store.models import NotificationRecipient
+
+    thread = " ".join(f"<20261123.{i}.{'x' * 30}@mail.acme.example>" for i in range(4))
+    n = Notification(id=1, event="note_added", mailbox="support", from_address="support@msp.example",
+                     subject="[Ticket#T20261123.0001] Printer  jams on floor 3", message_id="<n1@msp.example>",
+                     body_text="We added your note.\n--\n=_ not a boundary\n", body_html="<p>We added your note.</p>",
+                     in_reply_to="<20261123.0@mail.acme.example>", references=thread,
+                     recipients=[NotificationRecipient(email="jane@acme.example", role="sender")])
+    out = build_message(n, config, now=T0)
+
+    def wire(policy) -> bytes:
+        buf = BytesIO()
+        BytesGenerator(buf, policy=policy).flatten(out.message, linesep="\r\n")
+        return buf.getvalue()
+
+    raw = wire(None)
+    # Byte for byte what compat32 writes, boundary and all.
+    assert raw == wire(compat32)
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert b"Message-ID: <n1@msp.example>" in head and b"Auto-Submitted: auto-replied" in head
+    assert b"Subject: [Ticket#T20261123.0001] Printer  jams on floor 3" in head  # two spaces: left to Header
+    assert max(len(line) for line in head) <= 78  # the long References is folded
+    parsed = message_from_bytes(raw)
+    assert " ".join(parsed["References"].split()) == thread
+    boundary = parsed.get_boundary()
+    assert boundary.startswith("=_")
+    text, html = (p.get_payload(decode=True).decode().replace("\r\n", "\n") for p in parsed.get_payload())
+    assert (text, html) == (n.body_text, n.body_html)
