@@ -318,7 +318,7 @@ def _meeting_another_worker(make_config, store, redis_client, tmp_path: Path, mo
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-def test_a_contact_another_worker_creates_after_the_batch_asked_is_found_not_duplicated(
+def test_a_contact_another_worker_creates_after_the_batch_asked_is_taken_without_running_the_batch_again(
         make_config, store, redis_client, tmp_path: Path, monkeypatch) -> None:
     from pipeline.store.models import Contact
 
@@ -329,17 +329,54 @@ def test_a_contact_another_worker_creates_after_the_batch_asked_is_found_not_dup
         "WHERE name = 'Acme Corp' ON CONFLICT (email) DO NOTHING")
     ids = _journal(processor, make_mail(subject="Printer jams"),
                    make_mail(from_="Late <late@acme.example>", subject="Monitor flickers"))
-    # The batch asked who late@ is before the other worker committed: its own insert of the contact
-    # collides, and the batch runs again, finding the contact the other worker made.
+    # The batch asked who late@ is before the other worker committed: its insert of the contact
+    # finds the address taken and the ticket goes to the contact the other worker made.
     savepoints = _count_savepoints(store)
     results = processor.process_many(ids)
     assert [r.outcome for r in results] == ["ticket_created", "ticket_created"]
-    assert savepoints  # the collision ran the batch again
+    assert savepoints == []  # no collision: the batch ran once
+    assert ("write", "contact found") in [(t.stage, t.decision) for t in results[1].trace]
     with store.sessions() as s:
         [late] = s.scalars(select(Contact).where(Contact.email == "late@acme.example"))
         assert late.name == "Late Comer"
         ticket = s.scalar(select(Ticket).where(Ticket.title == "Monitor flickers"))
         assert ticket.contact_id == late.id
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_first_unknown_sender_another_worker_is_writing_waits_and_shares_its_account_and_contact(
+        processor: MailProcessor, store, config) -> None:
+    from sqlalchemy import create_engine, event, text
+
+    from pipeline.store.models import Account, Contact
+
+    # Another worker's batch has written the default account and this sender's contact, not yet committed.
+    other = create_engine(config.database_url)
+    conn = other.connect()
+    tx = conn.begin()
+    account_id = conn.execute(text("INSERT INTO accounts (name) VALUES ('Unassigned') RETURNING id")).scalar_one()
+    conn.execute(text("INSERT INTO contacts (email, name, account_id, notifications) "
+                      "VALUES ('kim.late@gmail.com', 'Kim (other worker)', :a, true)"), {"a": account_id})
+    inserts: list[str] = []
+    event.listen(store.engine, "before_cursor_execute",
+                 lambda _c, _cur, statement, *_a: inserts.append(statement.split("(")[0].strip()))
+    committer = threading.Timer(1.0, tx.commit)
+    committer.start()
+    ids = _journal(processor, make_mail(from_="Kim <kim.late@gmail.com>", subject="VPN drops every hour"))
+    savepoints = _count_savepoints(store)
+    [result] = processor.process_many(ids)
+    committer.join()
+    conn.close()
+    other.dispose()
+    assert result.outcome == "ticket_created"
+    assert savepoints == []  # waited for the other worker, then took its rows: no second run
+    assert "INSERT INTO accounts" in inserts  # it did try to create the account, and found it taken
+    assert ("write", "contact found") in [(t.stage, t.decision) for t in result.trace]
+    with store.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Account).where(Account.name == "Unassigned")) == 1
+        [kim] = s.scalars(select(Contact).where(Contact.email == "kim.late@gmail.com"))
+        ticket = s.scalar(select(Ticket).where(Ticket.title == "VPN drops every hour"))
+        assert (ticket.contact_id, ticket.account_id, kim.name) == (kim.id, account_id, "Kim (other worker)")
 
 
 TRUSTED_TOM = "Authentication-Results: mx.msp.example; dkim=pass header.d=msp.example; dmarc=pass header.from=msp.example"

@@ -21,6 +21,7 @@ from functools import cache
 from typing import Any, TypeVar
 
 from sqlalchemy import Column, Insert, bindparam, event, insert, inspect, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
 from sqlalchemy.sql.util import find_tables
 
@@ -105,15 +106,48 @@ def add_inserted(session: Session, obj: Model) -> Model:
     return obj
 
 
-def add_inserted_with(session: Session, parent: Base, child: Model, foreign_key: str) -> Model:
+def add_new(session: Session, obj: Model, unique: str) -> Model | None:
+    """`add_inserted`, unless a row with the same value in the `unique` column exists: then None, and
+    nothing is written.
+
+    For a row another transaction may create meanwhile (the same new sender in two workers'
+    batches): a plain insert would fail and cost the whole batch a second run; this one waits for
+    the other transaction, as the plain insert does, and on its commit writes nothing.
+    """
+    pending = session.info.get(_PENDING)
+    if pending and any(held is type(obj) for held, _ in pending):
+        flush_appended(session)
+    statement = _insert_new(type(obj), unique, session.get_bind().dialect.name)
+    row = session.connection().execute(statement, _row(obj)).first()
+    if row is None:
+        return None
+    obj.id = row[0]
+    _as_loaded(session, obj)
+    return obj
+
+
+@cache
+def _insert_new(model: type[Base], unique: str, dialect: str) -> Insert:
+    table = model.__table__
+    make = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return make(table).on_conflict_do_nothing(index_elements=[table.c[unique]]).returning(table.c.id)
+
+
+def add_inserted_with(session: Session, parent: Base, child: Model, foreign_key: str, *,
+                      unless_exists: str | None = None) -> Model | None:
     """`add_inserted` for a new `parent` and a new `child` whose `foreign_key` is the parent's id.
 
     On PostgreSQL one statement inserts both (`WITH p AS (INSERT … RETURNING id) INSERT … SELECT
     …, p.id FROM p`): a new sender's contact and their first ticket were two of a new ticket's
     four round trips (bench/README.md, issue 10). Elsewhere, one insert after the other.
+    `unless_exists` names the parent's unique column: when a row with its value exists (`add_new`),
+    neither row is written and the answer is None.
     """
     if session.get_bind().dialect.name != "postgresql":
-        add_inserted(session, parent)
+        if unless_exists is None:
+            add_inserted(session, parent)
+        elif add_new(session, parent, unless_exists) is None:
+            return None
         setattr(child, foreign_key, parent.id)
         return add_inserted(session, child)
     setattr(child, foreign_key, None)
@@ -123,8 +157,11 @@ def add_inserted_with(session: Session, parent: Base, child: Model, foreign_key:
         flush_appended(session)
     params = {f"p_{k}": v for k, v in parent_row.items()}
     params.update({f"c_{k}": v for k, v in child_row.items() if k != foreign_key})
-    statement = _insert_with(type(parent), type(child), foreign_key)
-    child.id, parent.id = session.connection().execute(statement, params).one()
+    statement = _insert_with(type(parent), type(child), foreign_key, unless_exists)
+    row = session.connection().execute(statement, params).first()
+    if row is None:  # the parent's row exists: nothing was written
+        return None
+    child.id, parent.id = row
     setattr(child, foreign_key, parent.id)
     _as_loaded(session, parent)
     _as_loaded(session, child)
@@ -132,11 +169,14 @@ def add_inserted_with(session: Session, parent: Base, child: Model, foreign_key:
 
 
 @cache
-def _insert_with(parent: type[Base], child: type[Base], foreign_key: str) -> Insert:
+def _insert_with(parent: type[Base], child: type[Base], foreign_key: str, unless_exists: str | None) -> Insert:
     """The parent-and-child insert of `add_inserted_with`, built once per pair."""
     p_table, c_table = parent.__table__, child.__table__
-    new = insert(p_table).values({c.name: bindparam(f"p_{c.name}", type_=c.type) for _, c in _columns(parent)}) \
-        .returning(p_table.c.id).cte(f"new_{p_table.name}")
+    new = postgresql.insert(p_table).values(
+        {c.name: bindparam(f"p_{c.name}", type_=c.type) for _, c in _columns(parent)})
+    if unless_exists is not None:
+        new = new.on_conflict_do_nothing(index_elements=[p_table.c[unless_exists]])
+    new = new.returning(p_table.c.id).cte(f"new_{p_table.name}")
     names = [c.name for _, c in _columns(child) if c.name != foreign_key]
     row = select(*[bindparam(f"c_{n}", type_=c_table.c[n].type) for n in names], new.c.id)
     return insert(c_table).from_select([*names, foreign_key], row).add_cte(new) \

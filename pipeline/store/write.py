@@ -30,7 +30,7 @@ from pipeline.store.models import (
     TimelineEntry,
 )
 from pipeline.store.numbers import allocate_number
-from pipeline.store.rows import add_inserted, add_inserted_with, append, append_later, append_many
+from pipeline.store.rows import add_inserted, add_inserted_with, add_new, append, append_later, append_many
 
 
 def write_mail(session: Session, ctx: MailContext) -> None:
@@ -85,10 +85,14 @@ def write_mail(session: Session, ctx: MailContext) -> None:
             alert_key=alert.key if alert else None,
             alert_last_seen_at=utc(ctx.received_at) if alert else None,
         )
-        if new_contact is not None:
-            hold(session, add_inserted_with(session, new_contact, ticket, "contact_id"))
+        if new_contact is None:
+            hold(session, add_inserted(session, ticket))
+        elif add_inserted_with(session, new_contact, ticket, "contact_id", unless_exists="email") is not None:
+            hold(session, ticket)
             _contact_created(session, ctx, new_contact)
-        else:
+        else:  # another worker wrote this sender's contact after the batch asked: theirs is the one
+            contact = _contact_found(session, ctx, new_contact.email)
+            ticket.contact_id, ticket.account_id = contact.id, contact.account_id
             hold(session, add_inserted(session, ticket))
         entity_type, entity_id, number = "ticket", ticket.id, ticket.number
         timeline_entry(session, ctx, entity_type, entity_id, who, "created", None, ticket.status)
@@ -185,7 +189,9 @@ def _sender_records(session: Session, ctx: MailContext, *,
         contact = Contact(email=s.address, name=s.name or "", account_id=account_id)
         if with_ticket:
             return account_id, None, contact
-        add_inserted(session, contact)
+        if add_new(session, contact, "email") is None:
+            contact = _contact_found(session, ctx, contact.email)
+            return contact.account_id, contact.id, None
         _contact_created(session, ctx, contact)
         return account_id, contact.id, None
     return account_id, None, None
@@ -199,12 +205,27 @@ def _contact_created(session: Session, ctx: MailContext, contact: Contact) -> No
     ctx.note("write", "contact created", f"{ctx.sender.address} under {ctx.sender.account_name}")
 
 
+def _contact_found(session: Session, ctx: MailContext, email: str) -> Contact:
+    """The contact another transaction wrote for `email` after this one asked, now committed.
+
+    Two workers' batches can each hold a first mail from the same new sender; the second to
+    write waits for the first to commit (`add_new`) and then takes its contact, instead of
+    failing and running its whole batch again.
+    """
+    contact = hold(session, session.scalars(select(Contact).where(Contact.email == email)).one())
+    remember(session, ("contact", email.lower()),
+             ContactInfo(contact.id, contact.name, contact.account_id, contact.account.name, contact.notifications))
+    ctx.note("write", "contact found", f"{email}: written by another worker meanwhile")
+    return contact
+
+
 def _default_account(session: Session, name: str) -> Account:
     account = Lookups(session).account_by_name(name)
     if account is None:
-        account = Account(name=name)
-        session.add(account)
-        session.flush()
+        # Created on first use, maybe by two workers at once: the second takes the first's.
+        account = add_new(session, Account(name=name), "name") \
+            or session.scalars(select(Account).where(Account.name == name)).one()
+        remember(session, ("account", name), hold(session, account))
     return account
 
 

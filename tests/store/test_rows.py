@@ -10,6 +10,7 @@ from pipeline.store.db import Store, changes
 from pipeline.store.models import Account, Contact, Ticket, TimelineEntry
 from pipeline.store.rows import (
     add_inserted_with,
+    add_new,
     append,
     append_later,
     flush_appended,
@@ -130,5 +131,30 @@ def test_a_savepoint_rolled_back_takes_back_the_contact_and_the_ticket_written_t
         take_back(session, mark)
         assert contact not in session
         assert session.scalar(select(func.count(Contact.id))) == 0
+        assert session.scalar(select(func.count(Ticket.id))) == 0
+    store.dispose()
+
+
+def test_a_contact_whose_address_exists_is_not_written_nor_its_ticket(db_url: str) -> None:
+    store = Store(db_url)
+    store.upgrade()
+    with store.transaction() as session:
+        account = Account(name="Contoso")
+        session.add(account)
+        session.flush()
+        account_id = account.id
+        session.add(Contact(email="anna.berg@contoso.example", name="Anna (another worker's)", account_id=account_id))
+    with store.transaction() as session:
+        again = Contact(email="anna.berg@contoso.example", name="Anna Berg", account_id=account_id)
+        ticket = Ticket(number="T20261202.0001", title="Printer on floor 3 offline", account_id=account_id)
+        # No error that would cost the transaction: the answer says the row exists.
+        assert add_inserted_with(session, again, ticket, "contact_id", unless_exists="email") is None
+        assert add_new(session, Contact(email="anna.berg@contoso.example", account_id=account_id), "email") is None
+        assert again not in session and ticket not in session
+        fresh = add_new(session, Contact(email="ben.ode@contoso.example", account_id=account_id), "email")
+        assert fresh is not None and session.get(Contact, fresh.id) is fresh and fresh.notifications is True
+    with store.sessions() as session:
+        assert sorted(session.execute(select(Contact.email, Contact.name)).all()) == [
+            ("anna.berg@contoso.example", "Anna (another worker's)"), ("ben.ode@contoso.example", "")]
         assert session.scalar(select(func.count(Ticket.id))) == 0
     store.dispose()
