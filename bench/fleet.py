@@ -248,7 +248,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4], help="burst runs (none: only the steady run)")
     ap.add_argument("--rate", type=float, default=150.0, help="offered load of the steady run, mails/s")
     ap.add_argument("--steady-seconds", type=float, default=20.0, help="0: no steady run")
-    ap.add_argument("--steady-workers", type=int, default=4)
+    # As the README says to run it: Celery's default, one worker process per core.
+    ap.add_argument("--steady-workers", type=int, default=os.cpu_count() or 2,
+                    help="worker processes of the steady run (default: one per core, Celery's default)")
     ap.add_argument("--coalesce", type=float, default=COALESCE_SECONDS,
                     help=f"how long the steady feeder's ids wait for company (default {COALESCE_SECONDS} s, as the intake)")
     ap.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
