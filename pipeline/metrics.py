@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from datetime import datetime
+from functools import cache
 from typing import Callable, Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
@@ -29,6 +30,13 @@ LAG_SECONDS = Histogram("mailloop_journal_to_written_seconds", "From the journal
 RETRIES = Counter("mailloop_task_retries", "Celery task retries (transient Redis, database or broker trouble).",
                   ["task"])
 FETCHED = Counter("mailloop_fetched_mails", "Mails journaled by a fetch, by mailbox.", ["mailbox"])
+
+
+@cache
+def stage_seconds(stage: str) -> Histogram:
+    """The stage's own histogram child: `labels()` takes a lock and builds a key on every call,
+    13 times a mail (bench/README.md, issue 10)."""
+    return STAGE_SECONDS.labels(stage)
 
 
 def mail_done(mailbox: str, outcome: str, reason: str | None, received_at: datetime | None,

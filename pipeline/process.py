@@ -433,7 +433,7 @@ def _run_stage(stage: Stage, ctx: MailContext, env: StageEnv) -> None:
     try:
         stage(ctx, env)
     finally:
-        metrics.STAGE_SECONDS.labels(stage.name).observe(time.perf_counter() - started)
+        metrics.stage_seconds(stage.name).observe(time.perf_counter() - started)
 
 
 class _Redo(Exception):

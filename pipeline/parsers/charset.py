@@ -170,6 +170,8 @@ def decode_header_value(value: object) -> str:
         return ""
     if not isinstance(value, str):
         value = str(value)
+    if value.isascii() and "=?" not in value and "\n" not in value and "\r" not in value:
+        return value.strip()  # most headers: nothing to unfold or decode
     value = _FOLD.sub(" ", unsurrogate(value)).replace("\r", "").replace("\n", " ")
     if "=?" not in value:
         return value.strip()

@@ -563,7 +563,9 @@ def _cap(value: str | None, length: int = 255) -> str | None:
 
 def _clean(text: str) -> str:
     """No NUL (PostgreSQL refuses it) and no lone surrogates (UTF-8 refuses them)."""
-    return _TEXT_TRASH.sub("", text) if text else text
+    if not text or (text.isascii() and "\x00" not in text):
+        return text
+    return _TEXT_TRASH.sub("", text)
 
 
 def _guarded(warnings: list[str], what: str, compute: Any, fallback: Any) -> Any:

@@ -11,6 +11,7 @@ names, our own `[Ticket#…]`) are kept, in order, once each — so "[acme-users
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 # Reply/forward prefixes in the languages MSP customers write in: RE/AW/SV/Antw/RES/Odp (reply),
 # FW/FWD/WG/VS/RV/TR/ENC/Doorst/RIF (forward).
@@ -29,6 +30,7 @@ _GATEWAY_TAG = re.compile(
 _TAG = re.compile(r"\[[^\[\]]{1,80}\]")
 
 
+@lru_cache(maxsize=1024)  # pure, and asked for one subject 6 times per mail (loop guard, duplicate rule, title…)
 def strip_prefixes(subject: str) -> str:
     """`RE: [EXTERNAL] Fwd: AW: Printer down` → `Printer down` (case kept)."""
     text = " ".join((subject or "").split())
