@@ -19,6 +19,7 @@ import binascii
 import hashlib
 import mimetypes
 import re
+import secrets
 import unicodedata
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -207,16 +208,15 @@ def mail_identity(mail: ParsedMail) -> str:
 # -- the MIME tree -------------------------------------------------------------------------------
 
 def _message(raw: bytes, warnings: list[str]) -> Message:
-    """The MIME tree. Fed in chunks: `message_from_bytes` would hold the mail as one str and as
-    a StringIO (4 bytes a character) besides — 5x the mail's size before any part is read."""
+    """The MIME tree, from the stdlib's parser; big base64 bodies are lifted out first (`_lift_bodies`)."""
     noted = len(warnings)
     bounded = _bounded(raw, warnings)
     try:
-        parser = BytesFeedParser()
-        view = memoryview(bounded)
-        for start in range(0, len(bounded), _FEED_CHUNK):
-            parser.feed(bytes(view[start:start + _FEED_CHUNK]))
-        return parser.close()
+        skeleton, lifted = _lift_bodies(bounded)
+        msg = _feed(skeleton)
+        if lifted and not _put_back(msg, lifted):
+            msg = _feed(bounded)  # the skeleton did not read as the mail does: the whole mail, as it is
+        return msg
     except RecursionError:
         warnings.append("MIME structure nested too deeply: body read as text")
     except Exception as exc:  # noqa: BLE001 - the stdlib parser is meant never to raise; if it does, keep what we can
@@ -226,6 +226,80 @@ def _message(raw: bytes, warnings: list[str]) -> Message:
     del msg["Content-Type"]
     del msg["Content-Transfer-Encoding"]
     return msg
+
+
+def _feed(raw: bytes) -> Message:
+    """Fed in chunks: `message_from_bytes` would hold the mail as one str and as a StringIO
+    (4 bytes a character) besides — 5x the mail's size before any part is read."""
+    parser = BytesFeedParser()
+    view = memoryview(raw)
+    for start in range(0, len(raw), _FEED_CHUNK):
+        parser.feed(bytes(view[start:start + _FEED_CHUNK]))
+    return parser.close()
+
+
+# Only mails this big have a body worth lifting, and only bodies this big are lifted.
+_LIFT_MAIL_BYTES = 32 * 1024
+_LIFT_BODY_BYTES = 8 * 1024
+_CTE_HEADER = b"content-transfer-encoding:"
+_BASE64_VALUE = re.compile(rb"[ \t]*base64[ \t]*\r?\n")
+_HEADERS_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _lift_bodies(raw: bytes) -> tuple[bytes, dict[str, str]]:
+    """`raw` with each big base64 body replaced by a token, and the bodies by token.
+
+    The stdlib's parser takes a mail line by line, matching every line against the boundaries
+    around it: a 150 KB attachment is 2,000 lines and 4/5 of the time of reading its mail
+    (bench/README.md, issue 10). A base64 body holds no line that starts with "--", so cutting
+    it out up to the first such line cannot change what the parser finds around it; `_put_back`
+    checks that each token came out as the whole body of a base64 part, or the mail is read whole.
+    """
+    if len(raw) < _LIFT_MAIL_BYTES:
+        return raw, {}
+    lower = raw.lower()
+    tag = "MAILLOOPLIFTED" + secrets.token_hex(8)
+    pieces: list[bytes] = []
+    lifted: dict[str, str] = {}
+    kept = scan = 0
+    while (at := lower.find(_CTE_HEADER, scan)) >= 0:
+        scan = at + len(_CTE_HEADER)
+        if (at and raw[at - 1] != 0x0A) or not _BASE64_VALUE.match(lower, scan):
+            continue  # not a header line, or not base64
+        headers_end = _HEADERS_END.search(raw, scan)
+        if headers_end is None:
+            break
+        start = headers_end.end()
+        end = raw.find(b"\n--", start)  # the boundary line after the body
+        if end < 0:
+            break
+        scan = end
+        if raw[end - 1] == 0x0D:
+            end -= 1  # the line break before a boundary belongs to the boundary, not the body
+        if end - start < _LIFT_BODY_BYTES:
+            continue
+        token = f"{tag}X{len(lifted)}"
+        lifted[token] = raw[start:end].decode("ascii", "surrogateescape")  # as BytesFeedParser decodes it
+        pieces += [raw[kept:start], token.encode()]
+        kept = end
+    if not lifted:
+        return raw, {}
+    pieces.append(raw[kept:])
+    return b"".join(pieces), lifted
+
+
+def _put_back(msg: Message, lifted: dict[str, str]) -> bool:
+    """Put the lifted bodies back in their parts; False unless each token is a base64 leaf's whole body."""
+    found = 0
+    for part in msg.walk():
+        payload = part.get_payload()
+        if isinstance(payload, str) and payload in lifted:
+            if part.get_content_maintype() in ("multipart", "message") \
+                    or str(part.get("Content-Transfer-Encoding", "")).strip().lower() != "base64":
+                return False
+            part.set_payload(lifted[payload])
+            found += 1
+    return found == len(lifted)
 
 
 _BOUNDARY_LINE = re.compile(rb"\n--")

@@ -1,0 +1,97 @@
+"""Big base64 bodies are lifted out before the stdlib parser reads a mail (`mime._lift_bodies`):
+the tree that comes out must be the one the stdlib builds from the whole mail, whatever the mail."""
+
+from __future__ import annotations
+
+import base64
+import random
+
+from email.message import Message
+from email.parser import BytesFeedParser
+
+from pipeline.parsers import mime
+
+HEAD = (
+    "Received: from EUR05-AM6-obe.outbound.protection.outlook.com (mail-am6eur05on2071.outbound.protection.outlook.com"
+    " [40.107.22.71]) by mx.msp.example with ESMTPS id 4Ws1Zk0QZ; Tue, 01 Dec 2026 09:14:22 +0100\r\n"
+    "From: Anna Berg <anna.berg@contoso.example>\r\n"
+    "To: support@msp.example\r\n"
+    "Subject: Scanner on floor 3 saves blank pages\r\n"
+    "Date: Tue, 01 Dec 2026 09:14:20 +0100\r\n"
+    "Message-ID: <AM6PR05MB6088C2D8F1E4@AM6PR05MB6088.eurprd05.prod.outlook.com>\r\n"
+    "MIME-Version: 1.0\r\n"
+)
+
+
+def _base64_lines(size: int, seed: int) -> str:
+    data = random.Random(seed).randbytes(size)
+    return base64.encodebytes(data).decode().replace("\n", "\r\n")
+
+
+def _stdlib(raw: bytes) -> Message:
+    parser = BytesFeedParser()
+    parser.feed(raw)
+    return parser.close()
+
+
+def _same_tree(a: Message, b: Message) -> bool:
+    leaves = lambda m: [(p.get_content_type(), p.get_payload()) for p in m.walk() if not p.is_multipart()]  # noqa: E731
+    return a.as_bytes() == b.as_bytes() and leaves(a) == leaves(b) and \
+        [p.defects for p in a.walk()].__repr__() == [p.defects for p in b.walk()].__repr__()
+
+
+def test_a_mail_with_a_scan_and_an_inline_logo_reads_as_the_stdlib_reads_it_whole() -> None:
+    pdf, logo = _base64_lines(120_000, 1), _base64_lines(30_000, 2)
+    raw = (HEAD + 'Content-Type: multipart/mixed; boundary="_004_AM6PR05MB6088_"\r\n\r\n'
+           "--_004_AM6PR05MB6088_\r\n"
+           'Content-Type: multipart/related; boundary="_003_AM6PR05MB6088_"; type="text/html"\r\n\r\n'
+           "--_003_AM6PR05MB6088_\r\n"
+           'Content-Type: text/html; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n'
+           '<p>Hallo, der Scanner speichert nur leere Seiten. Scan anbei.</p><img src=3D"cid:logo001">\r\n'
+           "--_003_AM6PR05MB6088_\r\n"
+           'Content-Type: image/png; name="image001.png"\r\nContent-ID: <logo001>\r\n'
+           "Content-Transfer-Encoding: base64\r\n\r\n" + logo +
+           "--_003_AM6PR05MB6088_--\r\n\r\n"
+           "--_004_AM6PR05MB6088_\r\n"
+           'Content-Type: application/pdf; name="scan_0042.pdf"\r\n'
+           'Content-Disposition: attachment; filename="scan_0042.pdf"\r\n'
+           "Content-Transfer-Encoding: BASE64\r\n\r\n" + pdf +
+           "--_004_AM6PR05MB6088_--\r\n").encode()
+    skeleton, lifted = mime._lift_bodies(raw)
+    assert len(lifted) == 2 and len(skeleton) < 2_000  # both bodies left the parser's line loop
+    assert _same_tree(mime._message(raw, []), _stdlib(raw))
+    mail = mime.parse_mail(raw)
+    assert [(a.filename, a.data) for a in mail.attachments] == [
+        ("image001.png", random.Random(2).randbytes(30_000)), ("scan_0042.pdf", random.Random(1).randbytes(120_000))]
+
+
+def test_a_base64_header_quoted_in_a_text_body_leaves_the_mail_read_whole() -> None:
+    # A technician pasted a raw mail into a plain-text reply: its header and body are text here.
+    pasted = _base64_lines(30_000, 3)
+    raw = (HEAD + "Content-Type: text/plain; charset=utf-8\r\n\r\n"
+           "The customer's mail as it arrived:\r\n\r\n"
+           "Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + pasted + "-- \r\nAnna\r\n").encode()
+    assert mime._lift_bodies(raw)[1]  # lifted, then refused by the check: not a base64 part's body
+    msg = mime._message(raw, [])
+    assert _same_tree(msg, _stdlib(raw))
+    assert pasted in msg.get_payload()
+
+
+def test_a_part_that_says_base64_but_holds_a_dash_line_is_read_whole() -> None:
+    body = _base64_lines(20_000, 4)
+    half = len(body) // 2 - (len(body) // 2) % 78
+    raw = (HEAD + 'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+           "--b1\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n"
+           "--b1\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + body[:half] + "--not a boundary, just a line\r\n" + body[half:] + "\r\n" + "A" * 40_000 + "\r\n"
+           "--b1--\r\n").encode()
+    assert mime._lift_bodies(raw)[1]  # its first half was lifted, then the check refused the token
+    msg = mime._message(raw, [])
+    assert _same_tree(msg, _stdlib(raw))
+    assert "--not a boundary" in msg.get_payload()[1].get_payload()
+
+
+def test_a_small_mail_is_not_touched() -> None:
+    raw = (HEAD + "Content-Type: text/plain\r\n\r\nThe printer is offline again.\r\n").encode()
+    assert mime._lift_bodies(raw) == (raw, {})
