@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import random
-
 from email.message import Message
 from email.parser import BytesFeedParser
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline.parsers import mime
 
@@ -95,3 +97,49 @@ def test_a_part_that_says_base64_but_holds_a_dash_line_is_read_whole() -> None:
 def test_a_small_mail_is_not_touched() -> None:
     raw = (HEAD + "Content-Type: text/plain\r\n\r\nThe printer is offline again.\r\n").encode()
     assert mime._lift_bodies(raw) == (raw, {})
+
+
+def _scan_mail(crlf: bool) -> bytes:
+    nl = "\r\n" if crlf else "\n"
+    pdf, logo = _base64_lines(60_000, 5), _base64_lines(12_000, 6)
+    text = (HEAD + 'Content-Type: multipart/mixed; boundary="outer"\r\n\r\n'
+            "--outer\r\nContent-Type: multipart/alternative; boundary=\"inner\"\r\n\r\n"
+            "--inner\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nScan attached, pages are blank.\r\n"
+            "--inner\r\nContent-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\n" + logo +
+            "--inner--\r\n"
+            "--outer\r\nContent-Type: message/rfc822\r\n\r\n"
+            "From: scanner@contoso.example\r\nSubject: Scan\r\nContent-Type: application/pdf\r\n"
+            "Content-Transfer-Encoding: base64\r\n\r\n" + pdf +
+            "--outer--\r\n")
+    return text.replace("\r\n", nl).encode()
+
+
+def _mutate(raw: bytes, kind: int, at: float, byte: int) -> bytes:
+    i = int(len(raw) * at)
+    line_start = raw.rfind(b"\n", 0, i) + 1
+    if kind == 0:
+        return raw[:i]  # truncated in transit
+    if kind == 1:
+        return raw[:i] + bytes([byte]) + raw[i + 1:]  # a flipped byte
+    if kind == 2:
+        return raw[:line_start] + b"--outer\r\n" + raw[line_start:]  # a boundary where none belongs
+    if kind == 3:
+        return raw[:line_start] + b"--" + raw[line_start:]  # a line that starts with dashes
+    if kind == 4:
+        end = raw.find(b"\n", i)
+        return raw[:line_start] + (raw[end + 1:] if end >= 0 else b"")  # a lost line
+    if kind == 5:
+        return raw[:i].replace(b"\r\n", b"\n") + raw[i:]  # line ends changed half-way
+    return raw.replace(b"\r\n\r\n", b"\r\n", 1 + byte % 4)  # blank lines lost
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(crlf=st.booleans(), kinds=st.lists(st.integers(0, 6), max_size=3),
+       at=st.floats(0.0, 1.0), byte=st.integers(0, 255))
+def test_whatever_happened_to_a_big_mail_its_tree_is_the_one_the_stdlib_reads_whole(
+        crlf: bool, kinds: list[int], at: float, byte: int) -> None:
+    raw = _scan_mail(crlf)
+    for n, kind in enumerate(kinds):
+        raw = _mutate(raw, kind, (at + n * 0.37) % 1.0, byte)
+    assert _same_tree(mime._message(raw, []), _stdlib(raw))
