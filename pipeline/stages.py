@@ -22,6 +22,7 @@ from pipeline.context import MailContext, Sender, StopMail, Target
 from pipeline.dedup.loop_guard import AskedAhead, LoopGuard
 from pipeline.lifecycle import effective_status, settings_for, utc
 from pipeline.notify.plan import status_changed_notice
+from pipeline.notify.recipients import prefetch_answers
 from pipeline.parsers.mime import Unparseable, mail_identity, parse_mail
 from pipeline.parsers.references import answered_message_ids
 from pipeline.parsers.rmm import AlertRecord, alert_of
@@ -440,6 +441,9 @@ def prefetch(contexts: Iterable[MailContext], env: StageEnv) -> None:
     env.lookups.prefetch_seen((ctx.parsed.message_id, ctx.identity) for ctx in parsed)
     env.asked_ahead = AskedAhead(env.loop_guard, _loop_questions(parsed, env))
     try_conversation_locks(env.session, (normalise_subject(ctx.parsed.subject) for ctx in parsed))
+    if env.session.get_bind().dialect.name != "postgresql":  # there the outbox statement counts them itself
+        prefetch_answers(env.session, [(ctx.parsed.from_address.lower(), ctx.mailbox.notifications.answer_window_seconds)
+                                       for ctx in parsed if ctx.parsed.from_address])
 
 
 def _loop_questions(parsed: list[MailContext], env: StageEnv) -> dict[int, dict[str, Any]]:

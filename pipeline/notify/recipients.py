@@ -10,7 +10,7 @@ from sqlalchemy import Select, bindparam, func, literal, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import Config
-from pipeline.store.lookups import Lookups
+from pipeline.store.lookups import Lookups, cached, remember, remembered
 from pipeline.store.models import (
     Account,
     Notification,
@@ -118,6 +118,47 @@ def answers_in_window(session: Session, email: str, window_seconds: int, now: da
     """
     since = (now or datetime.now(timezone.utc)) - timedelta(seconds=window_seconds)
     return session.connection().execute(_ANSWERS_TO, {"email": email, "since": since}).scalar() or 0
+
+
+def answers_so_far(session: Session, email: str, window_seconds: int) -> int:
+    """`answers_in_window`, asked of the store once per transaction and address (for a batch's
+    senders all at once, `prefetch_answers`); the transaction's own answers are added as it
+    stores them (`count_answer`), so a batch's sixth answer is held back as the sixth mail alone is.
+
+    The window's start is taken when the store is asked: an answer that ages out of it while the
+    batch runs (a fraction of a second) still counts, which errs towards holding back.
+    """
+    def ask() -> int:
+        from pipeline.store.rows import flush_appended
+
+        flush_appended(session)  # recipient rows the batch holds back count as well
+        return answers_in_window(session, email, window_seconds)
+
+    return remembered(session, ("answers", email, window_seconds), ask)
+
+
+def count_answer(session: Session, email: str, window_seconds: int) -> None:
+    """An automatic answer to `email` was just stored in this transaction."""
+    key = ("answers", email, window_seconds)
+    known = cached(session, key)
+    if known is not None:  # else the next `answers_so_far` asks the store, which has the row
+        remember(session, key, known + 1)
+
+
+def prefetch_answers(session: Session, asked: list[tuple[str, int]]) -> None:
+    """`answers_so_far` of each (address, window) in one statement per window: a batch's senders."""
+    by_window: dict[int, set[str]] = {}
+    for email, window in asked:
+        by_window.setdefault(window, set()).add(email)
+    for window, emails in by_window.items():
+        since = datetime.now(timezone.utc) - timedelta(seconds=window)
+        counts = dict(session.connection().execute(
+            select(_R.c.email, func.count()).select_from(_N.join(_R, _R.c.notification_id == _N.c.id))
+            .where(_R.c.email.in_(sorted(emails)), _R.c.role == "sender",
+                   _N.c.event.in_([literal(e) for e in ANSWERS]), _N.c.created_at >= since)
+            .group_by(_R.c.email)).all())
+        for email in emails:
+            remember(session, ("answers", email, window), counts.get(email, 0))
 
 
 def unique(recipients: list[Recipient]) -> list[Recipient]:

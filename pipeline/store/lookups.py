@@ -87,6 +87,11 @@ def remembered(session: Session, key: tuple, load: Callable[[], Any], *, absent_
     return value
 
 
+def cached(session: Session, key: tuple) -> Any:
+    """What this transaction's cache holds for `key` (None: nothing), without loading it."""
+    return session.info.get(_CACHE, {}).get(key)
+
+
 def remember(session: Session, key: tuple, value: Any) -> None:
     """Tell the cache what this transaction has just created (a contact, a processed identity)."""
     session.info.setdefault(_CACHE, {})[key] = value

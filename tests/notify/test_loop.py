@@ -145,3 +145,33 @@ def test_an_outbox_row_and_its_recipient_are_one_statement_on_postgresql(
     assert recipients == [("jane@acme.example", "sender")]
     assert (status, attempts) == ("pending", 0) and created is not None
     assert len(inserts) == (1 if store.engine.dialect.name == "postgresql" else 2)
+
+
+def test_in_one_batch_the_sixth_automatic_answer_in_an_hour_is_held_back_as_it_is_alone(
+        processor: MailProcessor, store, config) -> None:
+    from sqlalchemy import event
+
+    def case(i: int) -> bytes:
+        return make_mail(from_="Othercorp Helpdesk <helpdesk@othercorp.example>", subject=f"Case {i} received",
+                         body=f"case {i}\n")
+
+    earlier = [processor.ingest("support", case(i)) for i in range(3)]  # three answers sent already
+    ids = [processor.journal("support", case(i)) for i in range(3, 6)]
+    sent: list[str] = []
+    event.listen(store.engine, "before_cursor_execute", lambda _c, _cur, statement, *_a: sent.append(statement))
+    results = processor.process_many(ids)
+
+    assert [r.outcome for r in results] == ["ticket_created"] * 3
+    assert [(s.decision, s.why) for s in results[2].trace if s.stage == "notify"] == [(
+        "no ticket_created to helpdesk@othercorp.example",
+        "loop breaker: 5 automatic answers to helpdesk@othercorp.example in the last 3600s (limit 5)")]
+    with store.sessions() as s:
+        rows = s.execute(select(Notification.journal_id, func.count(NotificationRecipient.email))
+                         .join(NotificationRecipient).group_by(Notification.journal_id)
+                         .order_by(Notification.journal_id)).all()
+    assert rows == [(r.journal_id, 1) for r in earlier + results[:2]]
+    if store.engine.dialect.name == "sqlite":
+        # The batch asked the store for its senders' answers once, and wrote its recipients in one statement.
+        counts = [q for q in sent if "count(*)" in q and "JOIN notification_recipients" in q]
+        assert len(counts) == 1 and "GROUP BY" in counts[0]
+        assert len([q for q in sent if q.startswith("INSERT INTO notification_recipients")]) == 1
