@@ -213,10 +213,14 @@ def _message(raw: bytes, warnings: list[str]) -> Message:
     bounded = _bounded(raw, warnings)
     try:
         skeleton, lifted = _lift_bodies(bounded)
+        if not lifted:
+            return _feed(bounded)
         msg = _feed(skeleton)
-        if lifted and not _put_back(msg, lifted):
-            msg = _feed(bounded)  # the skeleton did not read as the mail does: the whole mail, as it is
-        return msg
+        del skeleton
+        if _put_back(msg, lifted):
+            return msg
+        del msg, lifted  # the skeleton did not read as the mail does: the whole mail, as it is, and no copies kept
+        return _feed(bounded)
     except RecursionError:
         warnings.append("MIME structure nested too deeply: body read as text")
     except Exception as exc:  # noqa: BLE001 - the stdlib parser is meant never to raise; if it does, keep what we can
@@ -258,6 +262,7 @@ def _lift_bodies(raw: bytes) -> tuple[bytes, dict[str, str]]:
     if len(raw) < _LIFT_MAIL_BYTES:
         return raw, {}
     lower = raw.lower()
+    boundaries = _declared_boundaries(raw, lower)
     tag = "MAILLOOPLIFTED" + secrets.token_hex(8)
     pieces: list[bytes] = []
     lifted: dict[str, str] = {}
@@ -269,14 +274,19 @@ def _lift_bodies(raw: bytes) -> tuple[bytes, dict[str, str]]:
         headers_end = _HEADERS_END.search(raw, scan)
         if headers_end is None:
             break
+        part_start = max(raw.rfind(b"\n--", 0, at), raw.rfind(b"\r--", 0, at), 0)
+        if _HEADERS_END.search(raw, part_start, at):
+            continue  # a blank line between its part's boundary and it: this line is in a body
         start = headers_end.end()
-        end = raw.find(b"\n--", start)  # the boundary line after the body
+        end = _next_dash_line(raw, start - 1)  # from the blank line's own break: the body may be empty
         if end < 0:
             break
-        scan = end
-        if raw[end - 1] == 0x0D:
+        scan = end + 1
+        if not any(raw.startswith(b"--" + b, end + 1) for b in boundaries):
+            continue  # a line of dashes in the body, not a boundary: the part goes on past it
+        if raw[end] == 0x0A and raw[end - 1] == 0x0D:
             end -= 1  # the line break before a boundary belongs to the boundary, not the body
-        if end - start < _LIFT_BODY_BYTES:
+        if end - start < _LIFT_BODY_BYTES or not _looks_base64(raw, start, end):
             continue
         token = f"{tag}X{len(lifted)}"
         lifted[token] = raw[start:end].decode("ascii", "surrogateescape")  # as BytesFeedParser decodes it
@@ -286,6 +296,37 @@ def _lift_bodies(raw: bytes) -> tuple[bytes, dict[str, str]]:
         return raw, {}
     pieces.append(raw[kept:])
     return b"".join(pieces), lifted
+
+
+_BOUNDARY_VALUE = re.compile(rb'[ \t]*=[ \t]*(?:"([^"\r\n]+)"|([^\s;"]+))')
+
+
+def _declared_boundaries(raw: bytes, lower: bytes) -> set[bytes]:
+    """Every `boundary=` parameter value in the mail, as written (boundaries are case-sensitive)."""
+    found: set[bytes] = set()
+    at = 0
+    while (at := lower.find(b"boundary", at)) >= 0:
+        at += len(b"boundary")
+        m = _BOUNDARY_VALUE.match(raw, at)
+        if m:
+            found.add((m.group(1) or m.group(2)).rstrip())
+    return found
+
+
+def _next_dash_line(raw: bytes, start: int) -> int:
+    """Where the line break before the next line starting with "--" is (-1: none). The stdlib
+    breaks lines at CR, LF and CRLF alike, so a lone CR starts a line too."""
+    found = [i for i in (raw.find(b"\n--", start), raw.find(b"\r--", start)) if i >= 0]
+    return min(found) if found else -1
+
+
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n \t"
+
+
+def _looks_base64(raw: bytes, start: int, end: int) -> bool:
+    """Only the base64 alphabet and line breaks: a body that says base64 and is not, is read whole
+    from the start rather than lifted, refused and read twice."""
+    return not raw[start:end].translate(None, _BASE64_ALPHABET)
 
 
 def _put_back(msg: Message, lifted: dict[str, str]) -> bool:

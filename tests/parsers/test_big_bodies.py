@@ -74,7 +74,7 @@ def test_a_base64_header_quoted_in_a_text_body_leaves_the_mail_read_whole() -> N
            "The customer's mail as it arrived:\r\n\r\n"
            "Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
            + pasted + "-- \r\nAnna\r\n").encode()
-    assert mime._lift_bodies(raw)[1]  # lifted, then refused by the check: not a base64 part's body
+    assert mime._lift_bodies(raw)[1] == {}  # a blank line before the header: it is in a body, not lifted
     msg = mime._message(raw, [])
     assert _same_tree(msg, _stdlib(raw))
     assert pasted in msg.get_payload()
@@ -88,10 +88,37 @@ def test_a_part_that_says_base64_but_holds_a_dash_line_is_read_whole() -> None:
            "--b1\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
            + body[:half] + "--not a boundary, just a line\r\n" + body[half:] + "\r\n" + "A" * 40_000 + "\r\n"
            "--b1--\r\n").encode()
-    assert mime._lift_bodies(raw)[1]  # its first half was lifted, then the check refused the token
+    assert mime._lift_bodies(raw)[1] == {}  # the dash line is no declared boundary: nothing lifted
     msg = mime._message(raw, [])
     assert _same_tree(msg, _stdlib(raw))
     assert "--not a boundary" in msg.get_payload()[1].get_payload()
+
+
+def test_a_multipart_that_says_base64_is_lifted_refused_and_read_whole() -> None:
+    # A broken mailer's alternative part, declared base64 and holding none of its own boundary.
+    raw = (HEAD + 'Content-Type: multipart/mixed; boundary="outer"\r\n\r\n'
+           "--outer\r\nContent-Type: text/plain\r\n\r\nSee below.\r\n"
+           '--outer\r\nContent-Type: multipart/alternative; boundary="inner"\r\n'
+           "Content-Transfer-Encoding: base64\r\n\r\n" + _base64_lines(40_000, 7) +
+           "--outer--\r\n").encode()
+    assert mime._lift_bodies(raw)[1]  # it passes the looks, not the check
+    assert not mime._put_back(_stdlib(mime._lift_bodies(raw)[0]), mime._lift_bodies(raw)[1])
+    assert _same_tree(mime._message(raw, []), _stdlib(raw))
+
+
+def test_an_empty_base64_part_and_a_boundary_after_a_lone_cr_are_not_swallowed() -> None:
+    # Found by a differential fuzz: an empty body's boundary sat right after the blank line, and
+    # the stdlib breaks lines at a lone CR as well.
+    empty = (HEAD + 'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+             "--b\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+             "--b\r\nContent-Type: text/plain\r\n\r\n" + "Please see the log.\r\n" * 2000 + "--b--\r\n").encode()
+    lone_cr = (HEAD + 'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+               "--b\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+               + "QUFB\r\n" * 6000 + "\r--b\r\nContent-Type: text/plain\r\n\r\nThe log is attached.\r\n--b--\r\n").encode()
+    for raw in (empty, lone_cr):
+        msg = mime._message(raw, [])
+        assert _same_tree(msg, _stdlib(raw))
+        assert len(list(msg.walk())) == 3
 
 
 def test_a_small_mail_is_not_touched() -> None:
