@@ -8,9 +8,9 @@ drafts are stored in the outbox with their Message-ID; the notify task sends the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from sqlalchemy import Select, bindparam, func, literal, select
 from sqlalchemy.orm import Session
@@ -97,14 +98,18 @@ def opted_out(session: Session, email: str) -> str | None:
 _N, _R = Notification.__table__, NotificationRecipient.__table__
 
 
+def _answers(columns: list[Any], to: Any, since: Any) -> Select:
+    """Automatic answers to the addresses `to` selects, sent as replies to their own mail, since `since`."""
+    return (
+        select(*columns).select_from(_N.join(_R, _R.c.notification_id == _N.c.id))
+        # The events as a list of binds, not one expanding IN: that is rendered again at every execution.
+        .where(to, _R.c.role == "sender", _N.c.event.in_([literal(e) for e in ANSWERS]), _N.c.created_at >= since)
+    )
+
+
 def answers_to(email: str = "email") -> Select:
     """The count of automatic answers to the address bound as `email` since the time bound as `since`."""
-    return (
-        select(func.count()).select_from(_N.join(_R, _R.c.notification_id == _N.c.id))
-        # The events as a list of binds, not one expanding IN: that is rendered again at every execution.
-        .where(_R.c.email == bindparam(email), _R.c.role == "sender",
-               _N.c.event.in_([literal(e) for e in ANSWERS]), _N.c.created_at >= bindparam("since"))
-    )
+    return _answers([func.count()], _R.c.email == bindparam(email), bindparam("since"))
 
 
 _ANSWERS_TO = answers_to()
@@ -153,10 +158,7 @@ def prefetch_answers(session: Session, asked: list[tuple[str, int]]) -> None:
     for window, emails in by_window.items():
         since = datetime.now(timezone.utc) - timedelta(seconds=window)
         counts = dict(session.connection().execute(
-            select(_R.c.email, func.count()).select_from(_N.join(_R, _R.c.notification_id == _N.c.id))
-            .where(_R.c.email.in_(sorted(emails)), _R.c.role == "sender",
-                   _N.c.event.in_([literal(e) for e in ANSWERS]), _N.c.created_at >= since)
-            .group_by(_R.c.email)).all())
+            _answers([_R.c.email, func.count()], _R.c.email.in_(sorted(emails)), since).group_by(_R.c.email)).all())
         for email in emails:
             remember(session, ("answers", email, window), counts.get(email, 0))
 

@@ -335,8 +335,7 @@ def _put_back(msg: Message, lifted: dict[str, str]) -> bool:
     for part in msg.walk():
         payload = part.get_payload()
         if isinstance(payload, str) and payload in lifted:
-            if part.get_content_maintype() in ("multipart", "message") \
-                    or str(part.get("Content-Transfer-Encoding", "")).strip().lower() != "base64":
+            if part.get_content_maintype() in ("multipart", "message") or _transfer_encoding(part) != "base64":
                 return False
             part.set_payload(lifted[payload])
             found += 1
@@ -491,7 +490,7 @@ def _recover_boundary(part: Message) -> Message | None:
 
 def _payload(part: Message) -> bytes:
     raw = part.get_payload()
-    if isinstance(raw, str) and str(part.get("Content-Transfer-Encoding") or "").strip().lower() == "base64":
+    if isinstance(raw, str) and _transfer_encoding(part) == "base64":
         # binascii skips the line breaks itself; the stdlib splits and re-joins every line first
         # (3 more copies of a big attachment at once).
         try:
@@ -505,12 +504,15 @@ def _payload(part: Message) -> bytes:
     return raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else b""
 
 
+def _transfer_encoding(part: Message) -> str:
+    return str(part.get("Content-Transfer-Encoding") or "").strip().lower()
+
+
 def _estimated_size(part: Message, payload: object) -> int:
     """The decoded size, without decoding (base64 is 3 bytes per 4 characters)."""
     if not isinstance(payload, str):
         return 0
-    encoding = str(part.get("Content-Transfer-Encoding") or "").strip().lower()
-    if encoding == "base64":
+    if _transfer_encoding(part) == "base64":
         return (len(payload) - payload.count("\n") - payload.count("\r")) * 3 // 4
     return len(payload)
 

@@ -36,10 +36,15 @@ def _insert(model: type[Base]) -> Insert:
 
 def append(session: Session, model: type[Base], **values: Any) -> int:
     """Insert one row of `model`'s table now; its new id."""
-    pending = session.info.get(_PENDING)
-    if pending and any(held is model for held, _ in pending):
-        flush_appended(session)  # the table's held-back rows first: its ids in the order rows came
+    _held_rows_first(session, model)
     return session.connection().execute(_insert(model), values).inserted_primary_key[0]
+
+
+def _held_rows_first(session: Session, *models: type[Base]) -> None:
+    """Before an immediate insert into these tables, write their held-back rows: ids in the order rows came."""
+    pending = session.info.get(_PENDING)
+    if pending and any(held in models for held, _ in pending):
+        flush_appended(session)
 
 
 # session.info key: the rows `append_later` holds back, by table and columns, in order.
@@ -114,9 +119,7 @@ def add_new(session: Session, obj: Model, unique: str) -> Model | None:
     batches): a plain insert would fail and cost the whole batch a second run; this one waits for
     the other transaction, as the plain insert does, and on its commit writes nothing.
     """
-    pending = session.info.get(_PENDING)
-    if pending and any(held is type(obj) for held, _ in pending):
-        flush_appended(session)
+    _held_rows_first(session, type(obj))
     statement = _insert_new(type(obj), unique, session.get_bind().dialect.name)
     row = session.connection().execute(statement, _row(obj)).first()
     if row is None:
@@ -152,9 +155,7 @@ def add_inserted_with(session: Session, parent: Base, child: Model, foreign_key:
         return add_inserted(session, child)
     setattr(child, foreign_key, None)
     parent_row, child_row = _row(parent), _row(child)
-    pending = session.info.get(_PENDING)
-    if pending and any(held in (type(parent), type(child)) for held, _ in pending):
-        flush_appended(session)
+    _held_rows_first(session, type(parent), type(child))
     params = {f"p_{k}": v for k, v in parent_row.items()}
     params.update({f"c_{k}": v for k, v in child_row.items() if k != foreign_key})
     statement = _insert_with(type(parent), type(child), foreign_key, unless_exists)

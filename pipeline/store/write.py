@@ -198,11 +198,16 @@ def _sender_records(session: Session, ctx: MailContext, *,
 
 
 def _contact_created(session: Session, ctx: MailContext, contact: Contact) -> None:
+    _known_contact(session, contact, ctx.sender.account_name)
+    ctx.note("write", "contact created", f"{ctx.sender.address} under {ctx.sender.account_name}")
+
+
+def _known_contact(session: Session, contact: Contact, account_name: str | None) -> Contact:
     hold(session, contact)  # the ticket's contact, read by the notification plan
     # The notification plan reads it next (opted out?), and a later mail of the batch from the same address.
     remember(session, ("contact", contact.email.lower()),
-             ContactInfo(contact.id, contact.name, contact.account_id, ctx.sender.account_name, contact.notifications))
-    ctx.note("write", "contact created", f"{ctx.sender.address} under {ctx.sender.account_name}")
+             ContactInfo(contact.id, contact.name, contact.account_id, account_name, contact.notifications))
+    return contact
 
 
 def _contact_found(session: Session, ctx: MailContext, email: str) -> Contact:
@@ -212,9 +217,8 @@ def _contact_found(session: Session, ctx: MailContext, email: str) -> Contact:
     write waits for the first to commit (`add_new`) and then takes its contact, instead of
     failing and running its whole batch again.
     """
-    contact = hold(session, session.scalars(select(Contact).where(Contact.email == email)).one())
-    remember(session, ("contact", email.lower()),
-             ContactInfo(contact.id, contact.name, contact.account_id, contact.account.name, contact.notifications))
+    contact = session.scalars(select(Contact).where(Contact.email == email)).one()
+    _known_contact(session, contact, contact.account.name)
     ctx.note("write", "contact found", f"{email}: written by another worker meanwhile")
     return contact
 

@@ -98,6 +98,14 @@ def test_the_loop_guard_discards_a_flood_with_one_subject_and_answers_none_of_it
     assert smtp.inbox.count() == 1
 
 
+def _recipients_by_journal(store) -> list[tuple[int, int]]:
+    """(journal id, recipients) of each outbox row, by the mail that caused it."""
+    with store.sessions() as s:
+        return s.execute(select(Notification.journal_id, func.count(NotificationRecipient.email))
+                         .join(NotificationRecipient).group_by(Notification.journal_id)
+                         .order_by(Notification.journal_id)).all()
+
+
 def test_the_sixth_automatic_answer_in_an_hour_is_held_back_and_nothing_of_it_is_written(
         processor: MailProcessor, store, config) -> None:
     # Every mail a new subject, so the loop guard lets each through; the answer limit (5) holds the 6th.
@@ -110,10 +118,8 @@ def test_the_sixth_automatic_answer_in_an_hour_is_held_back_and_nothing_of_it_is
     assert [(s.decision, s.why) for s in held] == [(
         "no ticket_created to helpdesk@othercorp.example",
         "loop breaker: 5 automatic answers to helpdesk@othercorp.example in the last 3600s (limit 5)")]
+    rows = _recipients_by_journal(store)
     with store.sessions() as s:
-        rows = s.execute(select(Notification.journal_id, func.count(NotificationRecipient.email))
-                         .join(NotificationRecipient).group_by(Notification.journal_id)
-                         .order_by(Notification.journal_id)).all()
         orphans = s.scalar(select(func.count()).select_from(Notification)
                            .where(~Notification.recipients.any()))
     # One outbox row with its one recipient for each of the first five mails; none for the sixth.
@@ -165,10 +171,7 @@ def test_in_one_batch_the_sixth_automatic_answer_in_an_hour_is_held_back_as_it_i
     assert [(s.decision, s.why) for s in results[2].trace if s.stage == "notify"] == [(
         "no ticket_created to helpdesk@othercorp.example",
         "loop breaker: 5 automatic answers to helpdesk@othercorp.example in the last 3600s (limit 5)")]
-    with store.sessions() as s:
-        rows = s.execute(select(Notification.journal_id, func.count(NotificationRecipient.email))
-                         .join(NotificationRecipient).group_by(Notification.journal_id)
-                         .order_by(Notification.journal_id)).all()
+    rows = _recipients_by_journal(store)
     assert rows == [(r.journal_id, 1) for r in earlier + results[:2]]
     if store.engine.dialect.name == "sqlite":
         # The batch asked the store for its senders' answers once, and wrote its recipients in one statement.

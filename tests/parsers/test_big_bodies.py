@@ -101,8 +101,9 @@ def test_a_multipart_that_says_base64_is_lifted_refused_and_read_whole() -> None
            '--outer\r\nContent-Type: multipart/alternative; boundary="inner"\r\n'
            "Content-Transfer-Encoding: base64\r\n\r\n" + _base64_lines(40_000, 7) +
            "--outer--\r\n").encode()
-    assert mime._lift_bodies(raw)[1]  # it passes the looks, not the check
-    assert not mime._put_back(_stdlib(mime._lift_bodies(raw)[0]), mime._lift_bodies(raw)[1])
+    skeleton, lifted = mime._lift_bodies(raw)
+    assert lifted  # it passes the looks, not the check
+    assert not mime._put_back(_stdlib(skeleton), lifted)
     assert _same_tree(mime._message(raw, []), _stdlib(raw))
 
 

@@ -34,6 +34,17 @@ def _inserts(store: Store) -> list[str]:
     return sent
 
 
+def _store_with_account(db_url: str) -> tuple[Store, int]:
+    """A migrated store holding one customer account, Contoso; and its id."""
+    store = Store(db_url)
+    store.upgrade()
+    with store.transaction() as session:
+        account = Account(name="Contoso")
+        session.add(account)
+        session.flush()
+        return store, account.id
+
+
 def test_held_back_rows_are_one_statement_and_a_query_of_their_table_sees_them(db_url: str) -> None:
     store = Store(db_url)
     store.upgrade()
@@ -83,13 +94,7 @@ def test_without_holding_back_a_row_is_written_at_once(db_url: str) -> None:
 
 
 def test_a_new_contact_and_its_ticket_are_written_together_and_read_back_as_written(db_url: str) -> None:
-    store = Store(db_url)
-    store.upgrade()
-    with store.transaction() as session:
-        account = Account(name="Contoso")
-        session.add(account)
-        session.flush()
-        account_id = account.id
+    store, account_id = _store_with_account(db_url)
     inserts = _inserts(store)
     with store.transaction() as session:
         hold_back_appends(session)
@@ -116,16 +121,12 @@ def test_a_new_contact_and_its_ticket_are_written_together_and_read_back_as_writ
 
 
 def test_a_savepoint_rolled_back_takes_back_the_contact_and_the_ticket_written_together(db_url: str) -> None:
-    store = Store(db_url)
-    store.upgrade()
+    store, account_id = _store_with_account(db_url)
     with store.transaction() as session:
-        account = Account(name="Contoso")
-        session.add(account)
-        session.flush()
         mark = inserted_mark(session)
         savepoint = session.begin_nested()
-        contact = Contact(email="anna.berg@contoso.example", name="Anna Berg", account_id=account.id)
-        add_inserted_with(session, contact, Ticket(number="T20261202.0001", title="x", account_id=account.id),
+        contact = Contact(email="anna.berg@contoso.example", name="Anna Berg", account_id=account_id)
+        add_inserted_with(session, contact, Ticket(number="T20261202.0001", title="x", account_id=account_id),
                           "contact_id")
         savepoint.rollback()
         take_back(session, mark)
@@ -136,13 +137,8 @@ def test_a_savepoint_rolled_back_takes_back_the_contact_and_the_ticket_written_t
 
 
 def test_a_contact_whose_address_exists_is_not_written_nor_its_ticket(db_url: str) -> None:
-    store = Store(db_url)
-    store.upgrade()
+    store, account_id = _store_with_account(db_url)
     with store.transaction() as session:
-        account = Account(name="Contoso")
-        session.add(account)
-        session.flush()
-        account_id = account.id
         session.add(Contact(email="anna.berg@contoso.example", name="Anna (another worker's)", account_id=account_id))
     with store.transaction() as session:
         again = Contact(email="anna.berg@contoso.example", name="Anna Berg", account_id=account_id)
