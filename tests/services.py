@@ -161,12 +161,19 @@ class WorkerProcess:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        # SIGTERM to the main process alone is Celery's warm shutdown: it lets the pool finish
+        # its tasks, log lines included. SIGTERM to the whole group would kill a pool process
+        # between its commit and its log line (a flake CI showed).
+        self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever outlived the shutdown
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
