@@ -202,12 +202,11 @@ def _contact_created(session: Session, ctx: MailContext, contact: Contact) -> No
     ctx.note("write", "contact created", f"{ctx.sender.address} under {ctx.sender.account_name}")
 
 
-def _known_contact(session: Session, contact: Contact, account_name: str | None) -> Contact:
+def _known_contact(session: Session, contact: Contact, account_name: str | None) -> None:
     hold(session, contact)  # the ticket's contact, read by the notification plan
     # The notification plan reads it next (opted out?), and a later mail of the batch from the same address.
     remember(session, ("contact", contact.email.lower()),
              ContactInfo(contact.id, contact.name, contact.account_id, account_name, contact.notifications))
-    return contact
 
 
 def _contact_found(session: Session, ctx: MailContext, email: str) -> Contact:
