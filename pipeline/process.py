@@ -42,7 +42,7 @@ from pipeline.store.journal import is_import_ref, reopen_quarantined
 from pipeline.store.locks import NO_WAIT, Busy
 from pipeline.store.lookups import Lookups, forget
 from pipeline.store.models import JournalEntry
-from pipeline.store.rows import flush_appended, hold_back_appends, inserted_mark, take_back
+from pipeline.store.rows import flush_appended, hold_back_appends, inserted_mark, mails_left, take_back
 
 log = logging.getLogger("pipeline.process")
 
@@ -233,7 +233,8 @@ class MailProcessor:
                                               if i in entries and entries[i].outcome is None]) if batch else {}
                 ids = journal_ids
                 for last in ([False, True] if batch else [True]):
-                    for journal_id in ids:
+                    for index, journal_id in enumerate(ids):
+                        mails_left(session, len(ids) - index)
                         entry = entries.get(journal_id)
                         with mail_context(journal_id=journal_id):
                             if entry is None:

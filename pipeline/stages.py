@@ -31,6 +31,7 @@ from pipeline.registry import build_parser_stages
 from pipeline.store.apply import apply_changes
 from pipeline.store.locks import lock_conversation, try_conversation_locks
 from pipeline.store.lookups import EntityInfo, Lookups
+from pipeline.store.rows import holding_back
 from pipeline.store.write import write_mail
 from pipeline.trust import evaluate
 
@@ -441,7 +442,8 @@ def prefetch(contexts: Iterable[MailContext], env: StageEnv) -> None:
     env.lookups.prefetch_seen((ctx.parsed.message_id, ctx.identity) for ctx in parsed)
     env.asked_ahead = AskedAhead(env.loop_guard, _loop_questions(parsed, env))
     try_conversation_locks(env.session, (normalise_subject(ctx.parsed.subject) for ctx in parsed))
-    if env.session.get_bind().dialect.name != "postgresql":  # there the outbox statement counts them itself
+    # Where the outbox statement counts them itself (PostgreSQL, outbox rows written at once), not needed.
+    if env.session.get_bind().dialect.name != "postgresql" or holding_back(env.session):
         prefetch_answers(env.session, [(ctx.parsed.from_address.lower(), ctx.mailbox.notifications.answer_window_seconds)
                                        for ctx in parsed if ctx.parsed.from_address])
 

@@ -42,7 +42,7 @@ from pipeline.store.models import (
     TimelineEntry,
     utcnow,
 )
-from pipeline.store.rows import append, append_later
+from pipeline.store.rows import append, append_later, holding_back
 
 # Roles that reach customers: an internal note never goes to them (D8).
 CUSTOMER_ROLES = ("sender", "contact")
@@ -202,7 +202,7 @@ def store_draft(session: Session, d: Draft, ctx: MailContext) -> int | None:
         subject=d.subject, body_text=d.body_text, body_html=d.body_html, message_id=d.message_id,
         in_reply_to=d.in_reply_to, references=d.references,
     )
-    if d.recipients and session.get_bind().dialect.name == "postgresql":
+    if d.recipients and session.get_bind().dialect.name == "postgresql" and not holding_back(session):
         now = utcnow()
         values.update(status="pending", attempts=0, created_at=now)
         notification_id = insert_outbox_row(session, values, d.recipients, guarded, settings.answer_limit,
@@ -212,7 +212,9 @@ def store_draft(session: Session, d: Draft, ctx: MailContext) -> int | None:
                 ctx.note("notify", f"no {d.event}", f"loop breaker: limit {settings.answer_limit} reached")
             return None
     else:
-        # One writer at a time here (SQLite): the counts asked once per batch stay right.
+        # SQLite has one writer at a time, so the counts asked once per batch stay right. A PostgreSQL
+        # batch holding its rows back counts from the batch's start; answers another worker stores
+        # meanwhile are as invisible to it as they are to the one-statement count until that worker commits.
         if _held_back(session, ctx, d, guarded, answers_so_far):
             return None
         notification_id = append(session, Notification, **values)

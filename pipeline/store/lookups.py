@@ -23,7 +23,7 @@ from pipeline.store.models import (
     Task,
     Ticket,
 )
-from pipeline.store.rows import flush_appended
+from pipeline.store.rows import flush_appended, write_held
 
 OPEN_STATUSES = OPEN
 
@@ -210,6 +210,7 @@ class Lookups:
         candidates = _parent_domains(domain)
         params = {"email": email, **{f"domain{i}": None for i in range(_DOMAINS)}}
         params.update({f"domain{i}": c for i, c in enumerate(candidates[:_DOMAINS])})
+        write_held(self.session, Contact)  # a contact this batch holds back is one it knows
         row = self.session.connection().execute(_PERSON, params).one()
         resource = ResourceInfo(row.resource_id, row.resource_name) if row.resource_id is not None else None
         contact = (ContactInfo(row.contact_id, row.contact_name, row.account_id, row.account_name,
@@ -345,6 +346,7 @@ class Lookups:
         Only its id and number: the write stage reads the ticket itself under the entity lock."""
         if not subject_key or (contact_id is None and account_id is None):
             return None
+        write_held(self.session, Ticket)  # a ticket this batch holds back is one to find
         return self.session.connection().execute(
             _OPEN_TICKET_LIKE, {"subject_key": subject_key, "contact_id": contact_id, "account_id": account_id}
         ).first()

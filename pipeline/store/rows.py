@@ -13,14 +13,25 @@ statement (`flush_appended`) instead of a round trip each: before it commits, be
 `append` to a table with rows held back, and before an ORM query reads such a table. Until
 then the rows count as the mail's changes (`db.changes`), so a mail that fails after holding
 one back is undone by running the batch again with savepoints, which writes at once.
+
+On PostgreSQL such a batch holds back the rows whose id it needs as well — a new ticket, its
+new contact, a note, an outbox row — with ids it took from the tables' sequences ahead, a
+batch's worth in one round trip (`_reserved_id`): the insert of each was a round trip per mail
+(bench/README.md, issue 10, session 21). Held rows are written in foreign-key order, and before
+anything that needs them: a read of their table (through the ORM, or `write_held` before a Core
+read), an ORM flush that updates one of them or inserts a row referring to their table
+(`_held_rows_before_flush`), an immediate insert into their table or a child of it. A held
+row the database refuses (the same new sender's contact written by another worker meanwhile)
+fails the batch's attempt, and the run with savepoints, which writes at once, tells whose it is.
 """
 
 from __future__ import annotations
 
 from functools import cache
-from typing import Any, TypeVar
+from itertools import chain
+from typing import Any, Iterable, TypeVar
 
-from sqlalchemy import Column, Insert, bindparam, event, insert, inspect, select
+from sqlalchemy import Column, Insert, Table, bindparam, event, insert, inspect, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
 from sqlalchemy.sql.util import find_tables
@@ -35,25 +46,71 @@ def _insert(model: type[Base]) -> Insert:
 
 
 def append(session: Session, model: type[Base], **values: Any) -> int:
-    """Insert one row of `model`'s table now; its new id."""
-    _held_rows_first(session, model)
+    """Insert one row of `model`'s table (now, or held back with an id reserved ahead); its new id."""
+    if _holds_ids(session):
+        if any(held is model and "id" not in columns for held, columns in session.info[_PENDING]):
+            write_held(session, model)  # rows held without an id get theirs when written: before this one's
+        row_id = _reserved_id(session, model)
+        session.info[_HELD_IDS].setdefault(model.__table__, set()).add(row_id)
+        append_later(session, model, id=row_id, **values)
+        return row_id
+    write_held(session, model)
     return session.connection().execute(_insert(model), values).inserted_primary_key[0]
 
 
-def _held_rows_first(session: Session, *models: type[Base]) -> None:
-    """Before an immediate insert into these tables, write their held-back rows: ids in the order rows came."""
-    pending = session.info.get(_PENDING)
-    if pending and any(held in models for held, _ in pending):
-        flush_appended(session)
+def write_held(session: Session, *models: type[Base]) -> None:
+    """Write the held-back rows of these tables and of the tables they refer to: before a Core
+    read of them, or an immediate insert into them (ids in the order rows came)."""
+    if session.info.get(_PENDING):
+        _flush(session, {model.__table__ for model in models})
 
 
-# session.info key: the rows `append_later` holds back, by table and columns, in order.
+# session.info keys: the rows `append_later` holds back, by model and columns, in order; the ids
+# of the held rows whose objects the session has (`add_inserted`), by table; the ids reserved
+# ahead, by model; how many mails the transaction has left to run (`mails_left`).
 _PENDING = "mailloop.pending"
+_HELD_IDS = "mailloop.held_ids"
+_RESERVED = "mailloop.reserved_ids"
+_LEFT = "mailloop.mails_left"
 
 
 def hold_back_appends(session: Session) -> None:
-    """From now on in this transaction, `append_later` holds its rows back until `flush_appended`."""
+    """From now on in this transaction, `append_later` holds its rows back until `flush_appended`
+    (and on PostgreSQL, `append` and the `add_*` functions too)."""
     session.info[_PENDING] = {}
+    session.info[_HELD_IDS] = {}
+    session.info[_RESERVED] = {}
+
+
+def holding_back(session: Session) -> bool:
+    """Does this transaction hold rows back (a batch's first attempt)?"""
+    return session.info.get(_PENDING) is not None
+
+
+def mails_left(session: Session, n: int) -> None:
+    """Tell the transaction how many of its mails are still to run, this one included: how many
+    ids of a table to reserve when it needs one (a new ticket, an outbox row per mail is usual)."""
+    session.info[_LEFT] = n
+
+
+def _holds_ids(session: Session) -> bool:
+    return session.info.get(_PENDING) is not None and session.get_bind().dialect.name == "postgresql"
+
+
+_RESERVE = text("SELECT nextval(pg_get_serial_sequence(:table, 'id')) FROM generate_series(1, :n)")
+
+
+def _reserved_id(session: Session, model: type[Base]) -> int:
+    """An id for a new row of `model`'s table, from a reservation of one per mail left in the batch.
+
+    What the batch does not use is a gap in the ids, which nothing reads meaning into.
+    """
+    ids = session.info[_RESERVED].setdefault(model, [])
+    if not ids:
+        n = max(1, session.info.get(_LEFT, 1))
+        ids.extend(reversed(session.connection().execute(_RESERVE, {"table": model.__tablename__, "n": n})
+                            .scalars().all()))
+    return ids.pop()
 
 
 def append_later(session: Session, model: type[Base], **values: Any) -> None:
@@ -68,15 +125,48 @@ def append_later(session: Session, model: type[Base], **values: Any) -> None:
 
 def flush_appended(session: Session) -> None:
     """Write the rows held back, one statement (executemany) per table and set of columns."""
-    pending = session.info.get(_PENDING)
-    if not pending:
+    if session.info.get(_PENDING):
+        _flush(session, None)
+
+
+def _flush(session: Session, tables: Iterable[Table] | None) -> None:
+    """Write the held-back rows of `tables` and of the tables they refer to (all when None),
+    parents before children."""
+    pending = session.info[_PENDING]
+    if tables is None:
+        keys = list(pending)
+    else:
+        needed = set().union(*(_referred(table) for table in tables))
+        keys = [key for key in pending if key[0].__table__ in needed]
+    if not keys:
         return
-    groups = list(pending.items())
-    pending.clear()
+    keys.sort(key=lambda key: _dependency_order()[key[0].__table__])
+    groups = [(key[0], pending.pop(key)) for key in keys]
+    held = session.info.get(_HELD_IDS)
     conn = session.connection()
     with counted_already(session):
-        for (model, _columns), rows in groups:
+        for model, rows in groups:
+            if held:
+                held.pop(model.__table__, None)
             conn.execute(_insert(model), rows)
+
+
+@cache
+def _dependency_order() -> dict[Table, int]:
+    """Tables by foreign-key dependency: a row's parents are written before it."""
+    return {table: i for i, table in enumerate(Base.metadata.sorted_tables)}
+
+
+@cache
+def _referred(table: Table) -> frozenset[Table]:
+    """`table` and every table its rows refer to, directly or not."""
+    found, todo = {table}, [table]
+    while todo:
+        for fk in todo.pop().foreign_keys:
+            if fk.column.table not in found:
+                found.add(fk.column.table)
+                todo.append(fk.column.table)
+    return frozenset(found)
 
 
 @event.listens_for(Session, "do_orm_execute")
@@ -85,8 +175,31 @@ def _flush_before_reading(state: ORMExecuteState) -> None:
     pending = state.session.info.get(_PENDING)
     if pending and state.is_select:
         held = {model.__table__ for model, _ in pending}
-        if not held.isdisjoint(find_tables(state.statement, include_aliases=True, include_joins=True)):
-            flush_appended(state.session)
+        read = held.intersection(find_tables(state.statement, include_aliases=True, include_joins=True))
+        if read:
+            _flush(state.session, read)
+
+
+@event.listens_for(Session, "before_flush")
+def _held_rows_before_flush(session: Session, _context: Any, _instances: Any) -> None:
+    """The unit of work's UPDATE of a held row, or INSERT of a row referring to a held table,
+    finds the held rows written."""
+    pending = session.info.get(_PENDING)
+    if not pending:
+        return
+    held_ids = session.info.get(_HELD_IDS) or {}
+    held_tables = {model.__table__ for model, _ in pending}
+    tables = set()
+    for obj in chain(session.dirty, session.deleted):
+        table = type(obj).__table__
+        if getattr(obj, "id", None) in held_ids.get(table, ()):
+            tables.add(table)
+    for obj in session.new:
+        table = type(obj).__table__
+        if not held_tables.isdisjoint(_referred(table)):
+            tables.add(table)
+    if tables:
+        _flush(session, tables)
 
 
 Model = TypeVar("Model", bound=Base)
@@ -119,7 +232,9 @@ def add_new(session: Session, obj: Model, unique: str) -> Model | None:
     batches): a plain insert would fail and cost the whole batch a second run; this one waits for
     the other transaction, as the plain insert does, and on its commit writes nothing.
     """
-    _held_rows_first(session, type(obj))
+    if _holds_ids(session):  # a row that exists by now fails the held insert, and the batch runs again
+        return add_inserted(session, obj)
+    write_held(session, type(obj))
     statement = _insert_new(type(obj), unique, session.get_bind().dialect.name)
     row = session.connection().execute(statement, _row(obj)).first()
     if row is None:
@@ -142,11 +257,12 @@ def add_inserted_with(session: Session, parent: Base, child: Model, foreign_key:
 
     On PostgreSQL one statement inserts both (`WITH p AS (INSERT … RETURNING id) INSERT … SELECT
     …, p.id FROM p`): a new sender's contact and their first ticket were two of a new ticket's
-    four round trips (bench/README.md, issue 10). Elsewhere, one insert after the other.
+    four round trips (bench/README.md, issue 10). Elsewhere, and where the batch holds both rows
+    back anyway, one insert after the other.
     `unless_exists` names the parent's unique column: when a row with its value exists (`add_new`),
     neither row is written and the answer is None.
     """
-    if session.get_bind().dialect.name != "postgresql":
+    if session.get_bind().dialect.name != "postgresql" or _holds_ids(session):
         if unless_exists is None:
             add_inserted(session, parent)
         elif add_new(session, parent, unless_exists) is None:
@@ -155,7 +271,7 @@ def add_inserted_with(session: Session, parent: Base, child: Model, foreign_key:
         return add_inserted(session, child)
     setattr(child, foreign_key, None)
     parent_row, child_row = _row(parent), _row(child)
-    _held_rows_first(session, type(parent), type(child))
+    write_held(session, type(parent), type(child))
     params = {f"p_{k}": v for k, v in parent_row.items()}
     params.update({f"c_{k}": v for k, v in child_row.items() if k != foreign_key})
     statement = _insert_with(type(parent), type(child), foreign_key, unless_exists)
@@ -228,6 +344,11 @@ def take_back(session: Session, mark: int) -> None:
 
 
 def append_many(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> None:
-    """Insert several rows of `model`'s table in one statement (executemany): their ids are not needed."""
-    if rows:
+    """Insert several rows of `model`'s table in one statement (executemany): their ids are not needed.
+    Held back with the batch's other rows where it holds rows back."""
+    if holding_back(session):
+        for row in rows:
+            append_later(session, model, **row)
+    elif rows:
+        write_held(session, model)
         session.connection().execute(_insert(model), rows)
