@@ -14,15 +14,15 @@ statement (`flush_appended`) instead of a round trip each: before it commits, be
 then the rows count as the mail's changes (`db.changes`), so a mail that fails after holding
 one back is undone by running the batch again with savepoints, which writes at once.
 
-On PostgreSQL such a batch holds back the rows whose id it needs as well — a new ticket, its
-new contact, a note, an outbox row — with ids it took from the tables' sequences ahead, a
+On PostgreSQL such a batch holds back the rows whose id it needs as well — a new ticket, a
+note, an outbox row — with ids it took from the tables' sequences ahead, a
 batch's worth in one round trip (`_reserved_id`): the insert of each was a round trip per mail
 (bench/README.md, issue 10, session 21). Held rows are written in foreign-key order, and before
 anything that needs them: a read of their table (through the ORM, or `write_held` before a Core
 read), an ORM flush that updates one of them or inserts a row referring to their table
-(`_held_rows_before_flush`), an immediate insert into their table or a child of it. A held
-row the database refuses (the same new sender's contact written by another worker meanwhile)
-fails the batch's attempt, and the run with savepoints, which writes at once, tells whose it is.
+(`_held_rows_before_flush`), an immediate insert into their table or a child of it. A row that
+another worker may write meanwhile (a new sender's contact) is not held: `add_new` asks at once
+and waits for the other worker, where a held row refused would cost the batch a second run.
 """
 
 from __future__ import annotations
@@ -232,8 +232,6 @@ def add_new(session: Session, obj: Model, unique: str) -> Model | None:
     batches): a plain insert would fail and cost the whole batch a second run; this one waits for
     the other transaction, as the plain insert does, and on its commit writes nothing.
     """
-    if _holds_ids(session):  # a row that exists by now fails the held insert, and the batch runs again
-        return add_inserted(session, obj)
     write_held(session, type(obj))
     statement = _insert_new(type(obj), unique, session.get_bind().dialect.name)
     row = session.connection().execute(statement, _row(obj)).first()
@@ -257,12 +255,13 @@ def add_inserted_with(session: Session, parent: Base, child: Model, foreign_key:
 
     On PostgreSQL one statement inserts both (`WITH p AS (INSERT … RETURNING id) INSERT … SELECT
     …, p.id FROM p`): a new sender's contact and their first ticket were two of a new ticket's
-    four round trips (bench/README.md, issue 10). Elsewhere, and where the batch holds both rows
-    back anyway, one insert after the other.
+    four round trips (bench/README.md, issue 10). Elsewhere, and where a batch holds rows back, one
+    insert after the other.
     `unless_exists` names the parent's unique column: when a row with its value exists (`add_new`),
     neither row is written and the answer is None.
     """
     if session.get_bind().dialect.name != "postgresql" or _holds_ids(session):
+        # Held back, the child waits for the batch's end; the parent, if it may exist, is asked at once.
         if unless_exists is None:
             add_inserted(session, parent)
         elif add_new(session, parent, unless_exists) is None:
