@@ -398,6 +398,37 @@ def test_a_batch_writes_its_timeline_and_identity_marks_in_one_statement_each(pr
         assert sorted(s.scalars(select(ProcessedMail.journal_id))) == ids
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_batch_on_postgresql_writes_its_new_tickets_and_outbox_rows_in_one_statement_each(processor, store) -> None:
+    from pipeline.store.models import Notification, NotificationRecipient
+
+    known = processor.ingest("support", make_mail(subject="Printer jams"))  # jane@acme is a contact from now on
+    ids = _journal(processor, *[make_mail(subject=f"Outage {n}") for n in range(4)],
+                   make_mail(from_="Kim <kim@acme.example>", subject="VPN drops"))  # a new sender
+    sent = _sent(store)
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["ticket_created"] * 5
+    assert len([q for q in sent if q.startswith("INSERT INTO tickets")]) == 1
+    assert len([q for q in sent if q.startswith("INSERT INTO notifications")]) == 1
+    assert len([q for q in sent if q.startswith("INSERT INTO notification_recipients")]) == 1
+    # The ids came from one reservation per table, for the five mails.
+    assert len([q for q in sent if "nextval" in q]) == 2
+    # The new sender's contact was asked at once (another worker may be writing it), alone.
+    assert len([q for q in sent if q.startswith("INSERT INTO contacts")]) == 1
+    with store.sessions() as s:
+        rows = s.execute(select(Ticket.number, Ticket.title, Notification.subject, NotificationRecipient.email)
+                         .join(Notification, (Notification.entity_id == Ticket.id) & (Notification.entity_type == "ticket"))
+                         .join(NotificationRecipient).where(Ticket.id != s.scalar(
+                             select(Ticket.id).where(Ticket.number == known.entity["number"])))
+                         .order_by(Ticket.id)).all()
+    assert [(title, email) for _n, title, _s, email in rows] == [
+        ("Outage 0", "jane@acme.example"), ("Outage 1", "jane@acme.example"), ("Outage 2", "jane@acme.example"),
+        ("Outage 3", "jane@acme.example"), ("VPN drops", "kim@acme.example")]
+    # Each answer carries its own ticket's number, as the results say.
+    assert [f"[Ticket#{n}]" in subject for n, _t, subject, _e in rows] == [True] * 5
+    assert [n for n, *_ in rows] == [r.entity["number"] for r in results]
+
+
 def test_a_status_command_in_a_batch_reads_the_timeline_it_has_not_yet_written(processor, store) -> None:
     from pipeline.store.models import Notification, TimelineEntry
 

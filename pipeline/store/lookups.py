@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
-from sqlalchemy import Integer, Row, String, bindparam, func, literal, or_, select
+from sqlalchemy import Integer, String, bindparam, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from pipeline.context import EntityRef, EntityType
@@ -23,9 +23,16 @@ from pipeline.store.models import (
     Task,
     Ticket,
 )
-from pipeline.store.rows import flush_appended, write_held
+from pipeline.store.rows import flush_appended, held_objects, write_held
 
 OPEN_STATUSES = OPEN
+
+
+class TicketRef(NamedTuple):
+    """A ticket's id and number, without the ticket."""
+
+    id: int
+    number: str
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,7 @@ _ACCOUNT_BY_DOMAIN = (select(_ACC.c.id, _ACC.c.name).join_from(_AD, _ACC, _AD.c.
 # The duplicate-ticket rule's question for every new customer conversation. A None id compares
 # as unknown, never true, so one statement serves a contact, an account or both.
 _TICKETS = Ticket.__table__
+# `Lookups.open_ticket_like` asks the same of the tickets a batch holds back: keep the two alike.
 _OPEN_TICKET_LIKE = (
     select(_TICKETS.c.id, _TICKETS.c.number)
     .where(_TICKETS.c.subject_key == bindparam("subject_key"),
@@ -340,16 +348,24 @@ class Lookups:
             ).limit(1)
         ) is not None
 
-    def open_ticket_like(self, subject_key: str, contact_id: int | None, account_id: int | None) -> Row | None:
+    def open_ticket_like(self, subject_key: str, contact_id: int | None, account_id: int | None) -> TicketRef | None:
         """The newest open ticket (id, number) with this normalised subject from this contact (or account).
 
         Only its id and number: the write stage reads the ticket itself under the entity lock."""
         if not subject_key or (contact_id is None and account_id is None):
             return None
-        write_held(self.session, Ticket)  # a ticket this batch holds back is one to find
-        return self.session.connection().execute(
+        # A ticket this batch holds back is newer than any the store has (a concurrent first mail of
+        # the subject waits on the conversation lock): asked first, and the store's rows need not wait
+        # for the held ones to be written — a round trip per mail from a known contact otherwise.
+        for held in reversed(held_objects(self.session, Ticket)):
+            if held.subject_key == subject_key and held.status in OPEN_STATUSES and (
+                    (contact_id is not None and held.contact_id == contact_id)
+                    or (account_id is not None and held.account_id == account_id)):
+                return TicketRef(held.id, held.number)
+        row = self.session.connection().execute(
             _OPEN_TICKET_LIKE, {"subject_key": subject_key, "contact_id": contact_id, "account_id": account_id}
         ).first()
+        return TicketRef(*row) if row is not None else None
 
     def alert_ticket(self, alert_key: str, recovered_since: datetime) -> Ticket | None:
         """The newest ticket for this alert that is open, or Resolved by a recovery since `recovered_since`.

@@ -214,18 +214,31 @@ def test_held_rows_are_written_parents_first_whatever_order_they_came_in(db_url:
     store.dispose()
 
 
-def test_a_core_read_of_open_tickets_finds_a_ticket_the_batch_holds_back(db_url: str) -> None:
+def test_the_open_ticket_question_finds_a_ticket_the_batch_holds_back_without_writing_it(db_url: str) -> None:
     from pipeline.store.lookups import Lookups
     from pipeline.store.rows import add_inserted
 
     store, account_id = _store_with_account(db_url)
     with store.transaction() as session:
+        older = add_inserted(session, Ticket(number="T20261202.0001", title="Printer", account_id=account_id,
+                                             subject_key="printer"))
+    inserts = _inserts(store)
+    with store.transaction() as session:
         _held_batch(session)
-        ticket = add_inserted(session, Ticket(number="T20261202.0001", title="VPN drops", account_id=account_id,
+        ticket = add_inserted(session, Ticket(number="T20261202.0002", title="VPN drops", account_id=account_id,
                                               subject_key="vpn drops"))
-        # The duplicate-ticket rule's question for the batch's next mail with this subject.
-        found = Lookups(session).open_ticket_like("vpn drops", None, account_id)
-        assert found is not None and found.id == ticket.id
+        lookups = Lookups(session)
+        # The duplicate-ticket rule's question for the batch's next mail with this subject: the held ticket.
+        assert lookups.open_ticket_like("vpn drops", None, account_id) == (ticket.id, "T20261202.0002")
+        # Another subject: the store answers, and the held ticket need not be written for it.
+        assert lookups.open_ticket_like("printer", None, account_id) == (older.id, "T20261202.0001")
+        if db_url.startswith("postgresql"):
+            assert inserts == []
+        # One not open, or another account's: no match.
+        add_inserted(session, Ticket(number="T20261202.0003", title="Scanner", account_id=account_id,
+                                     subject_key="scanner", status="Complete"))
+        assert lookups.open_ticket_like("scanner", None, account_id) is None
+        assert lookups.open_ticket_like("vpn drops", None, account_id + 1) is None
     store.dispose()
 
 
