@@ -7,6 +7,7 @@ another worker holds is processed alone after the batch instead of deadlocking i
 
 from __future__ import annotations
 
+import re
 import textwrap
 import threading
 import time
@@ -20,7 +21,7 @@ from pipeline.parsers.subject import normalise_subject
 from pipeline.process import MailProcessor
 from pipeline.store.locks import lock_conversation
 from pipeline.store.lookups import Lookups
-from pipeline.store.models import JournalEntry, Note, Ticket
+from pipeline.store.models import JournalEntry, Note, Notification, NotificationRecipient, Ticket
 from tests.conftest import make_mail
 
 
@@ -427,6 +428,22 @@ def test_a_batch_on_postgresql_writes_its_new_tickets_and_outbox_rows_in_one_sta
     # Each answer carries its own ticket's number, as the results say.
     assert [f"[Ticket#{n}]" in subject for n, _t, subject, _e in rows] == [True] * 5
     assert [n for n, *_ in rows] == [r.entity["number"] for r in results]
+
+
+def test_a_batch_from_known_contacts_reads_them_and_their_accounts_once(processor, store) -> None:
+    ids = _journal(processor, *[make_mail(subject=f"Outage {n}") for n in range(3)],
+                   make_mail(from_="Kim Lee <kim.lee@fabrikam.example>", subject="Invoice question"))
+    sent = _sent(store)
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["ticket_created"] * 4
+    # The notification plan reads each new ticket's contact and account: from the batch's one read of
+    # its senders, not by a SELECT per mail.
+    by_id = [q for q in sent if re.search(r"FROM (contacts|accounts) WHERE (contacts|accounts)\.id = ", q)]
+    assert by_id == []
+    with store.sessions() as s:
+        notices = s.execute(select(Notification.subject, NotificationRecipient.email).join(NotificationRecipient)
+                            .order_by(Notification.id)).all()
+    assert [email for _subject, email in notices] == ["jane@acme.example"] * 3 + ["kim.lee@fabrikam.example"]
 
 
 def test_a_status_command_in_a_batch_reads_the_timeline_it_has_not_yet_written(processor, store) -> None:
