@@ -434,16 +434,14 @@ AHEAD: tuple[Stage, ...] = tuple(takewhile(lambda stage: getattr(stage, "reads_s
 
 def prefetch(contexts: Iterable[MailContext], env: StageEnv) -> None:
     """The attribute stage's and the first gate's reads for a batch's parsed mails, the loop
-    guard's checks and the duplicate-ticket rule's conversation locks and open tickets: eight
-    round trips for the batch instead of up to five per mail (bench/README.md, issue 10)."""
+    guard's checks and the duplicate-ticket rule's conversation locks: seven round trips for the
+    batch instead of up to four per mail (bench/README.md, issue 10)."""
     parsed = [ctx for ctx in contexts if ctx.mail is not None and ctx.identity]
     env.lookups.prefetch_people(address for ctx in parsed for address in (
         ctx.parsed.from_address, ctx.parsed.forwarded.from_address if ctx.parsed.forwarded else None))
     env.lookups.prefetch_seen((ctx.parsed.message_id, ctx.identity) for ctx in parsed)
     env.asked_ahead = AskedAhead(env.loop_guard, _loop_questions(parsed, env))
-    subjects = [normalise_subject(ctx.parsed.subject) for ctx in parsed]
-    try_conversation_locks(env.session, subjects)
-    env.lookups.prefetch_open_tickets(subjects)  # after the locks: no other worker opens one of these now
+    try_conversation_locks(env.session, (normalise_subject(ctx.parsed.subject) for ctx in parsed))
     # Where the outbox statement counts them itself (PostgreSQL, outbox rows written at once), not needed.
     if env.session.get_bind().dialect.name != "postgresql" or holding_back(env.session):
         prefetch_answers(env.session, [(ctx.parsed.from_address.lower(), ctx.mailbox.notifications.answer_window_seconds)

@@ -42,36 +42,6 @@ def test_a_later_mail_in_the_batch_sees_the_ticket_an_earlier_one_opened(process
         assert [n.body.strip() for n in s.scalars(select(Note))] == ["And again at 10."]
 
 
-def test_a_batch_asks_for_the_open_tickets_with_its_subjects_once(processor, store) -> None:
-    first = processor.ingest("support", make_mail(subject="VPN drops every hour", body="It dropped at 9.\n"))
-    ids = _journal(processor,
-                   make_mail(subject="VPN drops every hour", body="And again at 10.\n"),
-                   make_mail(from_="Kim Lee <kim.lee@fabrikam.example>", subject="Invoice question"),
-                   make_mail(subject="Printer jams", body="Tray 2.\n"),
-                   make_mail(subject="Printer jams", body="Tray 2 again.\n"))
-    sent = _sent(store)
-    results = processor.process_many(ids)
-    assert [r.outcome for r in results] == ["note_added", "ticket_created", "ticket_created", "note_added"]
-    assert results[0].entity == first.entity  # the open ticket the store had
-    assert results[3].entity == results[2].entity  # the one the batch opened (held back on PostgreSQL)
-    # One question for the batch's subjects, none per mail.
-    assert len([q for q in sent if "tickets.subject_key IN" in q]) == 1
-    assert [q for q in sent if "tickets.subject_key =" in q] == []
-
-
-def test_a_ticket_an_earlier_mail_of_the_batch_closed_is_no_match_for_a_later_one(processor, store) -> None:
-    number = processor.ingest("support", make_mail(subject="VPN drops every hour")).entity["number"]
-    ids = _journal(processor,
-                   make_mail(from_="Tom Tech <tom@msp.example>", subject=f"RE: [Ticket#{number}] VPN drops every hour",
-                             body="#status Closed\nReplaced the router.\n", top_headers=[TRUSTED_TOM]),
-                   make_mail(subject="VPN drops every hour", body="It is back.\n"))
-    results = processor.process_many(ids)
-    assert [r.outcome for r in results] == ["note_added", "ticket_created"]
-    assert results[0].entity["number"] == number and results[1].entity["number"] != number
-    with store.sessions() as s:
-        assert s.scalar(select(Ticket.status).where(Ticket.number == number)) == "Closed"
-
-
 def test_the_same_batch_again_changes_nothing(processor, store) -> None:
     ids = _journal(processor, make_mail(subject="Disk full"), make_mail(subject="Mouse broken"))
     first = processor.process_many(ids)

@@ -52,14 +52,6 @@ def try_conversation_locks(session: Session, subject_keys: Iterable[str]) -> Non
         session.info.setdefault(_HELD, set()).update(key for key, taken in rows if taken)
 
 
-def holds_conversation(session: Session, subject_key: str) -> bool:
-    """Does no other transaction create a ticket with this subject until this one ends? True on
-    SQLite (one writer at a time); on PostgreSQL, for a lock `try_conversation_locks` took."""
-    if session.get_bind().dialect.name != "postgresql":
-        return True
-    return _key(_conversation(subject_key)) in session.info.get(_HELD, ())
-
-
 def _conversation(subject_key: str) -> bytes:
     return b"mailloop:conversation:" + subject_key.encode()
 

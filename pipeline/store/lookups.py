@@ -8,7 +8,6 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 from sqlalchemy import Integer, String, bindparam, func, literal, or_, select
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.util import identity_key
 
 from pipeline.context import EntityRef, EntityType
 from pipeline.lifecycle import OPEN, TicketState, state_of
@@ -24,8 +23,7 @@ from pipeline.store.models import (
     Task,
     Ticket,
 )
-from pipeline.store.locks import holds_conversation
-from pipeline.store.rows import flush_appended, inserted_objects, write_held
+from pipeline.store.rows import flush_appended, held_objects, write_held
 
 OPEN_STATUSES = OPEN
 
@@ -178,7 +176,7 @@ _ACCOUNT_BY_DOMAIN = (select(_ACC.c.id, _ACC.c.name).join_from(_AD, _ACC, _AD.c.
 # The duplicate-ticket rule's question for every new customer conversation. A None id compares
 # as unknown, never true, so one statement serves a contact, an account or both.
 _TICKETS = Ticket.__table__
-# `Lookups.open_ticket_like` asks the same of the tickets at hand (`like`): keep the two alike.
+# `Lookups.open_ticket_like` asks the same of the tickets a batch holds back: keep the two alike.
 _OPEN_TICKET_LIKE = (
     select(_TICKETS.c.id, _TICKETS.c.number)
     .where(_TICKETS.c.subject_key == bindparam("subject_key"),
@@ -187,31 +185,6 @@ _OPEN_TICKET_LIKE = (
                _TICKETS.c.account_id == bindparam("account_id", type_=Integer)))
     .order_by(_TICKETS.c.id.desc()).limit(1)
 )
-# The open tickets with any of a batch's subjects (`Lookups.prefetch_open_tickets`), at most :limit.
-_OPEN_WITH_SUBJECTS = (
-    select(_TICKETS.c.id, _TICKETS.c.number, _TICKETS.c.subject_key, _TICKETS.c.status, _TICKETS.c.contact_id,
-           _TICKETS.c.account_id)
-    .where(_TICKETS.c.subject_key.in_(bindparam("keys", expanding=True)),
-           _TICKETS.c.status.in_([literal(s) for s in OPEN_STATUSES]))
-    .limit(bindparam("limit"))
-)
-_OPEN_PREFETCH_LIMIT = 500
-# session.info key: the open tickets `prefetch_open_tickets` found, by subject.
-_OPEN_BY_SUBJECT = "mailloop.open_by_subject"
-
-
-@dataclass(frozen=True)
-class _OpenTicket:
-    id: int
-    number: str
-    subject_key: str
-    status: str
-    contact_id: int | None
-    account_id: int | None
-
-    @property
-    def ref(self) -> TicketRef:
-        return TicketRef(self.id, self.number)
 
 
 def _parent_domains(domain: str) -> list[str]:
@@ -384,53 +357,18 @@ class Lookups:
         Only its id and number: the write stage reads the ticket itself under the entity lock."""
         if not subject_key or (contact_id is None and account_id is None):
             return None
-
-        def like(t: Any, status: str) -> bool:  # `_OPEN_TICKET_LIKE`'s condition, for tickets at hand
-            return t.subject_key == subject_key and status in OPEN_STATUSES and (
-                (contact_id is not None and t.contact_id == contact_id)
-                or (account_id is not None and t.account_id == account_id))
-
-        # A ticket this transaction created (its row maybe held back) is newer than any other: a
-        # concurrent first mail of the subject waits on the conversation lock.
-        for created in reversed(inserted_objects(self.session, Ticket)):
-            if like(created, created.status):
-                return TicketRef(created.id, created.number)
-        prefetched = self.session.info.get(_OPEN_BY_SUBJECT, {}).get(subject_key)
-        if prefetched is not None:
-            found = [t for t in prefetched if like(t, self._status_now(t))]
-            return max(found, key=lambda t: t.id).ref if found else None
+        # A ticket this batch holds back is newer than any the store has (a concurrent first mail of
+        # the subject waits on the conversation lock): asked first, and the store's rows need not wait
+        # for the held ones to be written — a round trip per mail from a known contact otherwise.
+        for held in reversed(held_objects(self.session, Ticket)):
+            if held.subject_key == subject_key and held.status in OPEN_STATUSES and (
+                    (contact_id is not None and held.contact_id == contact_id)
+                    or (account_id is not None and held.account_id == account_id)):
+                return TicketRef(held.id, held.number)
         row = self.session.connection().execute(
             _OPEN_TICKET_LIKE, {"subject_key": subject_key, "contact_id": contact_id, "account_id": account_id}
         ).first()
         return TicketRef(*row) if row is not None else None
-
-    def prefetch_open_tickets(self, subject_keys: Iterable[str]) -> None:
-        """`open_ticket_like` for a batch's subjects in one round trip: the open tickets with any of them.
-
-        Only for subjects whose conversation lock the batch holds from its start, so no other
-        transaction opens a ticket with one before it ends; the tickets it opens itself, and the
-        status an earlier mail of it left a ticket in, `open_ticket_like` finds in the session.
-        A subject that many open tickets share (more than `_OPEN_PREFETCH_LIMIT` in all) is asked
-        per mail instead, with the sender in the question.
-        """
-        keys = sorted({k for k in subject_keys if k and holds_conversation(self.session, k)})
-        if not keys:
-            return
-        rows = self.session.connection().execute(
-            _OPEN_WITH_SUBJECTS, {"keys": keys, "limit": _OPEN_PREFETCH_LIMIT + 1}).all()
-        if len(rows) > _OPEN_PREFETCH_LIMIT:
-            return
-        by_subject: dict[str, list[_OpenTicket]] = {k: [] for k in keys}
-        for r in rows:
-            by_subject[r.subject_key].append(_OpenTicket(r.id, r.number, r.subject_key, r.status, r.contact_id,
-                                                         r.account_id))
-        self.session.info.setdefault(_OPEN_BY_SUBJECT, {}).update(by_subject)
-
-    def _status_now(self, t: "_OpenTicket") -> str:
-        """A prefetched ticket's status now: an earlier mail of the batch may have changed it (the
-        ticket it changed is in the session, `hold`)."""
-        loaded = self.session.identity_map.get(identity_key(Ticket, (t.id,)))
-        return loaded.status if loaded is not None else t.status
 
     def alert_ticket(self, alert_key: str, recovered_since: datetime) -> Ticket | None:
         """The newest ticket for this alert that is open, or Resolved by a recovery since `recovered_since`.

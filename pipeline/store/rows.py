@@ -316,9 +316,12 @@ def _row(obj: Base) -> dict[str, Any]:
     return values
 
 
-def inserted_objects(session: Session, model: type[Model]) -> list[Model]:
-    """The objects of `model` that `add_inserted` put in the session (rows held back or written), oldest first."""
-    return [obj for obj in session.info.get(_INSERTED, ()) if type(obj) is model]
+def held_objects(session: Session, model: type[Model]) -> list[Model]:
+    """The objects of `model` whose rows the transaction holds back, oldest first."""
+    held = (session.info.get(_HELD_IDS) or {}).get(model.__table__)
+    if not held:
+        return []
+    return [obj for obj in session.info.get(_INSERTED, ()) if type(obj) is model and obj.id in held]
 
 
 def _as_loaded(session: Session, obj: Base) -> None:
