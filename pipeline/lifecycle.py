@@ -28,7 +28,7 @@ from pipeline.commands import DEFAULT_RESOLUTION, CustomerAnswer
 from pipeline.config import STATUSES, Config, MailboxConfig
 from pipeline.resolve_back.outbox import COMPLETED, record_completion
 from pipeline.store.models import Resource, Ticket, TimelineEntry
-from pipeline.store.rows import append
+from pipeline.store.rows import append_later
 
 Actor = Literal["resource", "customer", "system", "monitor"]
 
@@ -272,8 +272,10 @@ def assign(session: Session, ticket: Ticket, resource: Resource | None, *, who: 
 
 def timeline(session: Session, ticket: Ticket, who: str, what: str, from_value: str | None,
              to_value: str | None, at: datetime, journal_id: int | None) -> None:
-    append(session, TimelineEntry, entity_type="ticket", entity_id=ticket.id, who=who, what=what[:100],
-           from_value=from_value, to_value=to_value, at=utc(at), journal_id=journal_id)
+    # Nobody needs its id: held back with the mail's other entries where the batch holds rows back,
+    # so the timeline's ids keep the order its entries came in.
+    append_later(session, TimelineEntry, entity_type="ticket", entity_id=ticket.id, who=who, what=what[:100],
+                 from_value=from_value, to_value=to_value, at=utc(at), journal_id=journal_id)
 
 
 # -- the maintenance job ------------------------------------------------------------------------

@@ -463,10 +463,30 @@ def test_a_status_command_in_a_batch_reads_the_timeline_it_has_not_yet_written(p
         timeline = s.scalars(select(TimelineEntry).where(TimelineEntry.entity_id == ticket.id,
                                                          TimelineEntry.entity_type == "ticket")
                              .order_by(TimelineEntry.id)).all()
-        # The note's entry, held back, still comes before the ones the status command wrote at once.
+        # The note's entry comes before the ones the status command wrote, as the mail wrote them.
         assert [(t.what, t.journal_id) for t in timeline] == [
             ("created", ids[0] - 1), ("note added", ids[0]), ("assigned", ids[0]),
             ("first update by a resource", ids[0]), ("status changed", ids[0])]
+
+
+def test_a_batch_of_first_updates_keeps_each_timeline_in_the_order_it_was_written(processor, store) -> None:
+    from pipeline.store.models import TimelineEntry
+
+    numbers = [processor.ingest("support", make_mail(subject=f"Outage {n}")).entity["number"] for n in range(4)]
+    ids = _journal(processor, *[make_mail(from_="Tom Tech <tom@msp.example>", subject=f"RE: [Ticket#{number}] Outage",
+                                          body="Looking into it.\n", top_headers=[TRUSTED_TOM]) for number in numbers])
+    sent = _sent(store)
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["note_added"] * 4
+    with store.sessions() as s:
+        for number in numbers:
+            ticket = s.scalar(select(Ticket).where(Ticket.number == number))
+            timeline = s.scalars(select(TimelineEntry.what).where(TimelineEntry.entity_id == ticket.id,
+                                                                  TimelineEntry.entity_type == "ticket")
+                                 .order_by(TimelineEntry.id)).all()
+            assert timeline == ["created", "note added", "assigned", "first update by a resource"]
+    # The batch's timeline entries, the lifecycle's too, are one statement.
+    assert len([q for q in sent if q.startswith("INSERT INTO timeline")]) == 1
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)

@@ -213,8 +213,10 @@ def store_draft(session: Session, d: Draft, ctx: MailContext) -> int | None:
             return None
     else:
         # SQLite has one writer at a time, so the counts asked once per batch stay right. A PostgreSQL
-        # batch holding its rows back counts from the batch's start; answers another worker stores
-        # meanwhile are as invisible to it as they are to the one-statement count until that worker commits.
+        # batch holding its rows back counts from the batch's start (and its own answers as it goes):
+        # answers another worker commits while the batch runs, a fraction of a second, are not
+        # counted, where the one-statement count would see them. A loop is a sequence of mails,
+        # each answered before the next arrives, so that window cannot feed one.
         if _held_back(session, ctx, d, guarded, answers_so_far):
             return None
         notification_id = append(session, Notification, **values)

@@ -214,7 +214,7 @@ class Lookups:
         candidates = _parent_domains(domain)
         params = {"email": email, **{f"domain{i}": None for i in range(_DOMAINS)}}
         params.update({f"domain{i}": c for i, c in enumerate(candidates[:_DOMAINS])})
-        write_held(self.session, Contact)  # a contact this batch holds back is one it knows
+        write_held(self.session, Contact)  # a Core read: any contact row held back is written first
         row = self.session.connection().execute(_PERSON, params).one()
         resource = ResourceInfo(row.resource_id, row.resource_name) if row.resource_id is not None else None
         contact = (ContactInfo(row.contact_id, row.contact_name, row.account_id, row.account_name,

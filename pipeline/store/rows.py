@@ -3,9 +3,9 @@ outbox rows — written with Core inserts in the caller's transaction.
 
 Nothing changes these rows in the transaction that writes them, so nothing needs them in the
 ORM's identity map, and the unit of work is the costliest part of a mail: flushing one such
-object costs about 0.4 ms of CPU, a Core insert 0.08 ms (bench/README.md, issue 10). `append`
-inserts at once, so a later query in the same transaction (or savepoint) sees the row, and a
-savepoint's rollback takes it back like any other.
+object costs about 0.4 ms of CPU, a Core insert 0.08 ms (bench/README.md, issue 10). Outside a
+batch's first attempt on PostgreSQL (below), `append` inserts at once, so a later query in the
+same transaction (or savepoint) sees the row, and a savepoint's rollback takes it back like any other.
 
 A batch without savepoints holds back the rows nobody needs the id of (`append_later`: a
 mail's timeline entries and processed-identity mark) and writes each table's rows in one
@@ -47,9 +47,10 @@ def _insert(model: type[Base]) -> Insert:
 
 def append(session: Session, model: type[Base], **values: Any) -> int:
     """Insert one row of `model`'s table (now, or held back with an id reserved ahead); its new id."""
-    if _holds_ids(session):
-        if any(held is model and "id" not in columns for held, columns in session.info[_PENDING]):
-            write_held(session, model)  # rows held without an id get theirs when written: before this one's
+    # Rows of the table held without an id get theirs when written, after every id reserved now:
+    # this one is written at once after them instead, so ids keep the order rows came in.
+    if _holds_ids(session) and not any(held is model and "id" not in columns
+                                       for held, columns in session.info[_PENDING]):
         row_id = _reserved_id(session, model)
         session.info[_HELD_IDS].setdefault(model.__table__, set()).add(row_id)
         append_later(session, model, id=row_id, **values)
@@ -76,7 +77,7 @@ _LEFT = "mailloop.mails_left"
 
 def hold_back_appends(session: Session) -> None:
     """From now on in this transaction, `append_later` holds its rows back until `flush_appended`
-    (and on PostgreSQL, `append` and the `add_*` functions too)."""
+    (and on PostgreSQL, `append`, `add_inserted` and the child of `add_inserted_with` too)."""
     session.info[_PENDING] = {}
     session.info[_HELD_IDS] = {}
     session.info[_RESERVED] = {}
@@ -119,7 +120,8 @@ def append_later(session: Session, model: type[Base], **values: Any) -> None:
     if pending is None:
         append(session, model, **values)
         return
-    pending.setdefault((model, tuple(values)), []).append(values)
+    # By the set of columns, in whatever order they were named: one statement for all such rows, in order.
+    pending.setdefault((model, tuple(sorted(values))), []).append(values)
     count_change(session)
 
 
@@ -212,7 +214,8 @@ def _columns(model: type[Base]) -> tuple[tuple[str, Column], ...]:
 
 
 def add_inserted(session: Session, obj: Model) -> Model:
-    """Insert a new object's row with a Core insert, then put the object in `session` as if loaded.
+    """Insert a new object's row with a Core insert (`append`: held back in a PostgreSQL batch), then
+    put the object in `session` as if loaded.
 
     For rows the transaction goes on changing (a new ticket, a new contact): they must be in the
     identity map, but the unit of work's insert costs five times a Core insert (bench/README.md,
