@@ -67,8 +67,9 @@ def write_held(session: Session, *models: type[Base]) -> None:
 
 
 # session.info keys: the rows `append_later` holds back, by model and columns, in order; the ids
-# of the held rows whose objects the session has (`add_inserted`), by table; the ids reserved
-# ahead, by model; how many mails the transaction has left to run (`mails_left`).
+# of the rows held back with a reserved id, by table (`_flush` forgets a table's when it writes
+# them); the ids reserved ahead and not yet used, by model; how many mails the transaction has
+# left to run (`mails_left`).
 _PENDING = "mailloop.pending"
 _HELD_IDS = "mailloop.held_ids"
 _RESERVED = "mailloop.reserved_ids"
@@ -95,7 +96,8 @@ def mails_left(session: Session, n: int) -> None:
 
 
 def _holds_ids(session: Session) -> bool:
-    return session.info.get(_PENDING) is not None and session.get_bind().dialect.name == "postgresql"
+    """Does this transaction hold back rows whose id it needs, with ids reserved ahead (PostgreSQL)?"""
+    return holding_back(session) and session.get_bind().dialect.name == "postgresql"
 
 
 _RESERVE = text("SELECT nextval(pg_get_serial_sequence(:table, 'id')) FROM generate_series(1, :n)")

@@ -9,6 +9,7 @@ from sqlalchemy import event, func, select
 from pipeline.store.db import Store, changes
 from pipeline.store.models import Account, Contact, Ticket, TimelineEntry
 from pipeline.store.rows import (
+    add_inserted,
     add_inserted_with,
     add_new,
     append,
@@ -16,6 +17,7 @@ from pipeline.store.rows import (
     flush_appended,
     hold_back_appends,
     inserted_mark,
+    mails_left,
     take_back,
 )
 
@@ -171,15 +173,11 @@ def test_a_contact_whose_address_exists_is_not_written_nor_its_ticket(db_url: st
 
 def _held_batch(session) -> None:
     """The transaction as a batch's first attempt runs it: rows held back, five mails to go."""
-    from pipeline.store.rows import mails_left
-
     hold_back_appends(session)
     mails_left(session, 5)
 
 
 def test_a_held_ticket_the_unit_of_work_updates_is_written_before_its_update(db_url: str) -> None:
-    from pipeline.store.rows import add_inserted
-
     store, account_id = _store_with_account(db_url)
     with store.transaction() as session:
         _held_batch(session)
@@ -193,8 +191,6 @@ def test_a_held_ticket_the_unit_of_work_updates_is_written_before_its_update(db_
 
 
 def test_held_rows_are_written_parents_first_whatever_order_they_came_in(db_url: str) -> None:
-    from pipeline.store.rows import add_inserted
-
     store, account_id = _store_with_account(db_url)
     with store.transaction() as session:
         known = add_inserted(session, Contact(email="anna.berg@contoso.example", name="Anna", account_id=account_id))
@@ -216,8 +212,6 @@ def test_held_rows_are_written_parents_first_whatever_order_they_came_in(db_url:
 
 def test_the_open_ticket_question_finds_a_ticket_the_batch_holds_back_without_writing_it(db_url: str) -> None:
     from pipeline.store.lookups import Lookups
-    from pipeline.store.rows import add_inserted
-
     store, account_id = _store_with_account(db_url)
     with store.transaction() as session:
         older = add_inserted(session, Ticket(number="T20261202.0001", title="Printer", account_id=account_id,
@@ -263,8 +257,6 @@ def test_a_new_row_referring_to_a_held_note_finds_it_written(db_url: str) -> Non
 
 
 def test_a_batch_reserves_ids_once_for_the_mails_it_has_left(db_url: str) -> None:
-    from pipeline.store.rows import add_inserted
-
     store, account_id = _store_with_account(db_url)
     sent: list[str] = []
     event.listen(store.engine, "before_cursor_execute", lambda _c, _cur, statement, *_a: sent.append(statement))
