@@ -14,10 +14,12 @@ statement (`flush_appended`) instead of a round trip each: before it commits, be
 then the rows count as the mail's changes (`db.changes`), so a mail that fails after holding
 one back is undone by running the batch again with savepoints, which writes at once.
 
-On PostgreSQL such a batch holds back the rows whose id it needs as well — a new ticket, a
-note, an outbox row — with ids it took from the tables' sequences ahead, a
-batch's worth in one round trip (`_reserved_id`): the insert of each was a round trip per mail
-(bench/README.md, issue 10, session 21). Held rows are written in foreign-key order, and before
+Such a batch holds back the rows whose id it needs as well — a new ticket, a note, an outbox
+row — with ids reserved ahead (`_reserved_id`): on PostgreSQL a batch's worth from the tables'
+sequences in one round trip, the insert of each having been a round trip per mail
+(bench/README.md, issue 10, session 21); on SQLite the ids past the table's highest, which the
+batch alone can write while its BEGIN IMMEDIATE holds the write lock, until it inserts a row of
+the table itself (session 22). Held rows are written in foreign-key order, and before
 anything that needs them: a read of their table (through the ORM, or `write_held` before a Core
 read), an ORM flush that updates one of them or inserts a row referring to their table
 (`_held_rows_before_flush`), an immediate insert into their table or a child of it. A row that
@@ -31,7 +33,7 @@ from functools import cache
 from itertools import chain
 from typing import Any, Iterable, TypeVar
 
-from sqlalchemy import Column, Insert, Table, bindparam, event, insert, inspect, select, text
+from sqlalchemy import Column, Insert, Select, Table, bindparam, event, func, insert, inspect, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
 from sqlalchemy.sql.util import find_tables
@@ -64,6 +66,17 @@ def write_held(session: Session, *models: type[Base]) -> None:
     read of them, or an immediate insert into them (ids in the order rows came)."""
     if session.info.get(_PENDING):
         _flush(session, {model.__table__ for model in models})
+    _forget_reserved(session, models)
+
+
+def _forget_reserved(session: Session, models: Iterable[type[Base]]) -> None:
+    """On SQLite, the ids reserved for these tables and not used: the insert about to be made
+    takes the table's highest id plus one, which may be one of them (the next reservation reads
+    the highest again). A PostgreSQL sequence never hands out a reserved id twice."""
+    reserved = session.info.get(_RESERVED)
+    if reserved and session.get_bind().dialect.name != "postgresql":
+        for model in models:
+            reserved.pop(model, None)
 
 
 # session.info keys: the rows `append_later` holds back, by model and columns, in order; the ids
@@ -96,8 +109,8 @@ def mails_left(session: Session, n: int) -> None:
 
 
 def _holds_ids(session: Session) -> bool:
-    """Does this transaction hold back rows whose id it needs, with ids reserved ahead (PostgreSQL)?"""
-    return holding_back(session) and session.get_bind().dialect.name == "postgresql"
+    """Does this transaction hold back rows whose id it needs, with ids reserved ahead?"""
+    return holding_back(session) and session.get_bind().dialect.name in ("postgresql", "sqlite")
 
 
 _RESERVE = text("SELECT nextval(pg_get_serial_sequence(:table, 'id')) FROM generate_series(1, :n)")
@@ -106,14 +119,28 @@ _RESERVE = text("SELECT nextval(pg_get_serial_sequence(:table, 'id')) FROM gener
 def _reserved_id(session: Session, model: type[Base]) -> int:
     """An id for a new row of `model`'s table, from a reservation of one per mail left in the batch.
 
-    What the batch does not use is a gap in the ids, which nothing reads meaning into.
+    On PostgreSQL what the batch does not use is a gap in the ids, which nothing reads meaning
+    into. On SQLite the reservation is the ids past the highest written or held: no other
+    connection can insert while the batch holds the write lock, and `write_held` forgets the
+    reservation before the batch inserts a row of the table itself.
     """
     ids = session.info[_RESERVED].setdefault(model, [])
     if not ids:
         n = max(1, session.info.get(_LEFT, 1))
-        ids.extend(reversed(session.connection().execute(_RESERVE, {"table": model.__tablename__, "n": n})
-                            .scalars().all()))
+        conn = session.connection()
+        if conn.dialect.name == "postgresql":
+            ids.extend(reversed(conn.execute(_RESERVE, {"table": model.__tablename__, "n": n}).scalars().all()))
+        else:
+            table = model.__table__
+            top = max(conn.execute(_highest_id(table)).scalar() or 0,
+                      max(session.info[_HELD_IDS].get(table, ()), default=0))
+            ids.extend(range(top + n, top, -1))
     return ids.pop()
+
+
+@cache
+def _highest_id(table: Table) -> Select:
+    return select(func.max(table.c.id))
 
 
 def append_later(session: Session, model: type[Base], **values: Any) -> None:
@@ -187,7 +214,10 @@ def _flush_before_reading(state: ORMExecuteState) -> None:
 @event.listens_for(Session, "before_flush")
 def _held_rows_before_flush(session: Session, _context: Any, _instances: Any) -> None:
     """The unit of work's UPDATE of a held row, or INSERT of a row referring to a held table,
-    finds the held rows written."""
+    finds the held rows written; its INSERT of a row into a table with ids reserved (SQLite)
+    forgets the reservation, as `write_held` does."""
+    if session.info.get(_RESERVED):
+        _forget_reserved(session, {type(obj) for obj in session.new})
     pending = session.info.get(_PENDING)
     if not pending:
         return

@@ -174,9 +174,8 @@ def test_in_one_batch_the_sixth_automatic_answer_in_an_hour_is_held_back_as_it_i
     rows = _recipients_by_journal(store)
     assert rows == [(r.journal_id, 1) for r in earlier + results[:2]]
     # The batch asked the store for its senders' answers once, and wrote its outbox rows and their
-    # recipients in one statement each (on PostgreSQL too, where a mail alone counts in its insert).
+    # recipients in one statement each (on PostgreSQL, a mail alone counts in its insert).
     counts = [q for q in sent if "count(*)" in q and "JOIN notification_recipients" in q]
     assert len(counts) == 1 and "GROUP BY" in counts[0]
     assert len([q for q in sent if q.startswith("INSERT INTO notification_recipients")]) == 1
-    assert len([q for q in sent if q.startswith(("INSERT INTO notifications", "WITH"))]) == (
-        1 if store.engine.dialect.name == "postgresql" else 2)
+    assert len([q for q in sent if q.startswith(("INSERT INTO notifications", "WITH"))]) == 1
