@@ -128,10 +128,17 @@ class MailProcessor:
             return []
         try:
             with self.store.transaction() as session:
+                rows = [{"mailbox": mailbox, "raw": raw, "source_ref": ref, "received_at": at} for raw, ref in mails]
+                conn = session.connection()
+                if conn.dialect.name == "sqlite":
+                    # The ids past the highest are this transaction's (BEGIN IMMEDIATE holds the write
+                    # lock): one executemany, where returning the ids in order takes a statement a row.
+                    top = conn.execute(_HIGHEST_JOURNAL_ID).scalar() or 0
+                    ids = list(range(top + 1, top + 1 + len(rows)))
+                    conn.execute(insert(JournalEntry.__table__), [dict(row, id=i) for row, i in zip(rows, ids)])
+                    return ids
                 # One Core executemany (insertmanyvalues): the unit of work cost more than the inserts.
-                rows = session.connection().execute(_JOURNAL, [
-                    {"mailbox": mailbox, "raw": raw, "source_ref": ref, "received_at": at} for raw, ref in mails])
-                return list(rows.scalars())
+                return list(conn.execute(_JOURNAL, rows).scalars())
         except TRANSIENT as exc:
             raise Unavailable(f"cannot journal {len(mails)} mail(s): {_one_line(exc)}") from None
 
@@ -482,6 +489,7 @@ def _record_outcome(entry: JournalEntry, ctx: MailContext, outcome: str, reason:
 
 _JOURNAL = (insert(JournalEntry.__table__)  # type: ignore[arg-type]
             .returning(JournalEntry.__table__.c.id, sort_by_parameter_order=True))
+_HIGHEST_JOURNAL_ID = select(func.max(JournalEntry.__table__.c.id))
 _RECORD_OUTCOME = update(JournalEntry.__table__).where(JournalEntry.__table__.c.id == bindparam("journal_id"))
 
 

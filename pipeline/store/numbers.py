@@ -7,20 +7,23 @@ from datetime import datetime
 from functools import cache
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine, Insert, bindparam, create_engine, event
+from sqlalchemy import Connection, Engine, Insert, bindparam, create_engine, event, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, SessionTransaction
 
 from pipeline.config import NumberingSettings
 from pipeline.store.locks import NO_WAIT
 from pipeline.store.models import NumberSequence
+from pipeline.store.rows import holding_back
 
 
 def allocate_number(session: Session, kind: str, numbering: NumberingSettings, now: datetime) -> str:
     """The next number of `kind` for today's date in the configured time zone.
 
     One upsert that increments and returns the counter: atomic on PostgreSQL (the row
-    lock serialises concurrent writers) and on SQLite (one writer at a time). In a batch on
+    lock serialises concurrent writers) and on SQLite (one writer at a time). A SQLite batch
+    reads the counter once and counts on in memory, writing it back as it commits: its write
+    lock, held from BEGIN IMMEDIATE, keeps every other writer out meanwhile. In a batch on
     PostgreSQL the upsert commits on its own connection at once: held to the end of a batch,
     the counter's row lock would make every other worker wait for that batch. The price is
     a gap in the sequence where a batch (or one mail of it) is rolled back; numbers stay
@@ -32,6 +35,8 @@ def allocate_number(session: Session, kind: str, numbering: NumberingSettings, n
     stmt = _upsert(dialect)
     if session.info.get(NO_WAIT) and dialect == "postgresql":
         seq = _counter_connection(session).execute(stmt, params).scalar_one()
+    elif dialect == "sqlite" and holding_back(session):
+        seq = _counted_on(session, params)
     else:
         seq = session.connection().execute(stmt, params).scalar_one()  # Core: the ORM path costs more than the upsert
     fmt = getattr(numbering, kind)
@@ -47,6 +52,36 @@ def _upsert(dialect: str) -> Insert:
         .on_conflict_do_update(index_elements=[table.c.kind, table.c.day],
                                set_={"last_value": table.c.last_value + 1}) \
         .returning(table.c.last_value)
+
+
+_READ = select(NumberSequence.last_value).where(NumberSequence.kind == bindparam("kind"),
+                                                NumberSequence.day == bindparam("day"))
+_WRITE_BACK = sqlite.insert(NumberSequence.__table__).on_conflict_do_update(
+    index_elements=["kind", "day"], set_={"last_value": sqlite.insert(NumberSequence.__table__).excluded.last_value})
+
+# session.info key: the counters a SQLite batch has counted on, by (kind, day): their last value.
+_COUNTED = "mailloop.counted_numbers"
+
+
+def _counted_on(session: Session, params: dict[str, str]) -> int:
+    counted = session.info.get(_COUNTED)
+    if counted is None:
+        counted = session.info[_COUNTED] = {}
+        if not event.contains(session, "before_commit", _write_back):
+            event.listen(session, "before_commit", _write_back)
+    key = (params["kind"], params["day"])
+    if key not in counted:
+        counted[key] = session.connection().execute(_READ, params).scalar() or 0
+    counted[key] += 1
+    return counted[key]
+
+
+def _write_back(session: Session) -> None:
+    """The counters the batch counted on, written as it commits (one statement)."""
+    counted = session.info.pop(_COUNTED, None)
+    if counted:
+        session.connection().execute(_WRITE_BACK, [{"kind": kind, "day": day, "last_value": value}
+                                                   for (kind, day), value in counted.items()])
 
 
 # Per store engine, a small engine whose connections autocommit each increment in one round trip

@@ -293,11 +293,17 @@ def add_inserted_with(session: Session, parent: Base, child: Model, foreign_key:
     four round trips (bench/README.md, issue 10). Elsewhere, and where a batch holds rows back, one
     insert after the other.
     `unless_exists` names the parent's unique column: when a row with its value exists (`add_new`),
-    neither row is written and the answer is None.
+    neither row is written and the answer is None. A SQLite batch holding its rows back holds the
+    parent back too, without asking: the caller looked for it in this transaction, which has kept
+    every other writer out since (were it there after all, the batch's flush fails and the batch
+    runs again with savepoints, which ask).
     """
-    if session.get_bind().dialect.name != "postgresql" or _holds_ids(session):
-        # Held back, the child waits for the batch's end; the parent, if it may exist, is asked at once.
-        if unless_exists is None:
+    dialect = session.get_bind().dialect.name
+    if dialect != "postgresql" or _holds_ids(session):
+        # Held back, the child waits for the batch's end; the parent, if it may exist, is asked at
+        # once — except on SQLite, where no other writer can have written it since the caller
+        # looked in this transaction (its write lock is held from BEGIN IMMEDIATE).
+        if unless_exists is None or (dialect == "sqlite" and _holds_ids(session)):
             add_inserted(session, parent)
         elif add_new(session, parent, unless_exists) is None:
             return None
