@@ -12,6 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, SessionTransaction
 
 from pipeline.config import NumberingSettings
+from pipeline.store.db import count_change
 from pipeline.store.locks import NO_WAIT
 from pipeline.store.models import NumberSequence
 from pipeline.store.rows import holding_back
@@ -73,6 +74,7 @@ def _counted_on(session: Session, params: dict[str, str]) -> int:
     if key not in counted:
         counted[key] = session.connection().execute(_READ, params).scalar() or 0
     counted[key] += 1
+    count_change(session)  # as the upsert counted: a mail failing after it is redone, so no number is skipped
     return counted[key]
 
 
