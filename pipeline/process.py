@@ -42,7 +42,7 @@ from pipeline.store.journal import is_import_ref, reopen_quarantined
 from pipeline.store.locks import NO_WAIT, Busy
 from pipeline.store.lookups import Lookups, forget
 from pipeline.store.models import JournalEntry
-from pipeline.store.rows import flush_appended, hold_back_appends, inserted_mark, mails_left, take_back
+from pipeline.store.rows import flush_appended, highest_id, hold_back_appends, inserted_mark, mails_left, take_back
 
 log = logging.getLogger("pipeline.process")
 
@@ -133,7 +133,7 @@ class MailProcessor:
                 if conn.dialect.name == "sqlite":
                     # The ids past the highest are this transaction's (BEGIN IMMEDIATE holds the write
                     # lock): one executemany, where returning the ids in order takes a statement a row.
-                    top = conn.execute(_HIGHEST_JOURNAL_ID).scalar() or 0
+                    top = highest_id(conn, JournalEntry.__table__)
                     ids = list(range(top + 1, top + 1 + len(rows)))
                     conn.execute(insert(JournalEntry.__table__), [dict(row, id=i) for row, i in zip(rows, ids)])
                     return ids
@@ -489,7 +489,6 @@ def _record_outcome(entry: JournalEntry, ctx: MailContext, outcome: str, reason:
 
 _JOURNAL = (insert(JournalEntry.__table__)  # type: ignore[arg-type]
             .returning(JournalEntry.__table__.c.id, sort_by_parameter_order=True))
-_HIGHEST_JOURNAL_ID = select(func.max(JournalEntry.__table__.c.id))
 _RECORD_OUTCOME = update(JournalEntry.__table__).where(JournalEntry.__table__.c.id == bindparam("journal_id"))
 
 

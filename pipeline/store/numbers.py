@@ -57,8 +57,9 @@ def _upsert(dialect: str) -> Insert:
 
 _READ = select(NumberSequence.last_value).where(NumberSequence.kind == bindparam("kind"),
                                                 NumberSequence.day == bindparam("day"))
-_WRITE_BACK = sqlite.insert(NumberSequence.__table__).on_conflict_do_update(
-    index_elements=["kind", "day"], set_={"last_value": sqlite.insert(NumberSequence.__table__).excluded.last_value})
+_COUNTER_ROW = sqlite.insert(NumberSequence.__table__)
+_WRITE_BACK = _COUNTER_ROW.on_conflict_do_update(index_elements=["kind", "day"],
+                                                 set_={"last_value": _COUNTER_ROW.excluded.last_value})
 
 # session.info key: the counters a SQLite batch has counted on, by (kind, day): their last value.
 _COUNTED = "mailloop.counted_numbers"

@@ -33,7 +33,7 @@ from functools import cache
 from itertools import chain
 from typing import Any, Iterable, TypeVar
 
-from sqlalchemy import Column, Insert, Select, Table, bindparam, event, func, insert, inspect, select, text
+from sqlalchemy import Column, Connection, Insert, Select, Table, bindparam, event, func, insert, inspect, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
 from sqlalchemy.sql.util import find_tables
@@ -132,10 +132,15 @@ def _reserved_id(session: Session, model: type[Base]) -> int:
             ids.extend(reversed(conn.execute(_RESERVE, {"table": model.__tablename__, "n": n}).scalars().all()))
         else:
             table = model.__table__
-            top = max(conn.execute(_highest_id(table)).scalar() or 0,
-                      max(session.info[_HELD_IDS].get(table, ()), default=0))
+            top = max(highest_id(conn, table), max(session.info[_HELD_IDS].get(table, ()), default=0))
             ids.extend(range(top + n, top, -1))
     return ids.pop()
+
+
+def highest_id(conn: Connection, table: Table) -> int:
+    """The table's highest id written so far (0 when empty): on SQLite, under the write lock, the ids
+    past it are the transaction's to give."""
+    return conn.execute(_highest_id(table)).scalar() or 0
 
 
 @cache
@@ -298,12 +303,12 @@ def add_inserted_with(session: Session, parent: Base, child: Model, foreign_key:
     every other writer out since (were it there after all, the batch's flush fails and the batch
     runs again with savepoints, which ask).
     """
-    dialect = session.get_bind().dialect.name
-    if dialect != "postgresql" or _holds_ids(session):
+    dialect, holds_ids = session.get_bind().dialect.name, _holds_ids(session)
+    if dialect != "postgresql" or holds_ids:
         # Held back, the child waits for the batch's end; the parent, if it may exist, is asked at
         # once — except on SQLite, where no other writer can have written it since the caller
         # looked in this transaction (its write lock is held from BEGIN IMMEDIATE).
-        if unless_exists is None or (dialect == "sqlite" and _holds_ids(session)):
+        if unless_exists is None or (dialect == "sqlite" and holds_ids):
             add_inserted(session, parent)
         elif add_new(session, parent, unless_exists) is None:
             return None

@@ -30,31 +30,29 @@ def _allocate_many(url: str, count: int, queue: mp.Queue, per_batch: int = 0) ->
     queue.put(got)
 
 
-def test_numbers_are_unique_and_gapless_under_concurrent_writers(db_url: str) -> None:
-    workers, each = 4, 25
+def _numbers_from_processes(db_url: str, each: int, per_batch: tuple[int, ...]) -> list[str]:
+    """The numbers `len(per_batch)` processes allocated at once, `each` apiece (`_allocate_many`)."""
     queue: mp.Queue = mp.get_context("spawn").Queue()
-    procs = [mp.get_context("spawn").Process(target=_allocate_many, args=(db_url, each, queue))
-             for _ in range(workers)]
+    procs = [mp.get_context("spawn").Process(target=_allocate_many, args=(db_url, each, queue, n))
+             for n in per_batch]
     for p in procs:
         p.start()
     numbers = [n for _ in procs for n in queue.get(timeout=120)]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    return numbers
+
+
+def test_numbers_are_unique_and_gapless_under_concurrent_writers(db_url: str) -> None:
+    workers, each = 4, 25
+    numbers = _numbers_from_processes(db_url, each, (0,) * workers)
     assert len(numbers) == len(set(numbers)) == workers * each
     assert sorted(numbers) == [f"T20261123.{i:04d}" for i in range(1, workers * each + 1)]
 
 
 def test_numbers_stay_gapless_when_batches_and_single_mails_allocate_at_once(db_url: str) -> None:
-    queue: mp.Queue = mp.get_context("spawn").Queue()
-    procs = [mp.get_context("spawn").Process(target=_allocate_many, args=(db_url, 25, queue, per_batch))
-             for per_batch in (0, 5, 0, 5)]
-    for p in procs:
-        p.start()
-    numbers = [n for _ in procs for n in queue.get(timeout=120)]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    numbers = _numbers_from_processes(db_url, 25, (0, 5, 0, 5))
     assert sorted(numbers) == [f"T20261123.{i:04d}" for i in range(1, 101)]
 
 
