@@ -42,6 +42,7 @@ from pipeline.store.journal import is_import_ref, reopen_quarantined
 from pipeline.store.locks import NO_WAIT, Busy
 from pipeline.store.lookups import Lookups, forget
 from pipeline.store.models import JournalEntry
+from pipeline.store.new_contacts import discard_untaken
 from pipeline.store.rows import flush_appended, highest_id, hold_back_appends, inserted_mark, mails_left, take_back
 
 log = logging.getLogger("pipeline.process")
@@ -260,6 +261,7 @@ class MailProcessor:
                         ids = [i for i, why in later.items() if isinstance(why, Busy)]
                         for journal_id in ids:
                             del later[journal_id]
+                discard_untaken(session)
                 try:
                     flush_appended(session)
                 except TRANSIENT:

@@ -31,6 +31,7 @@ from pipeline.registry import build_parser_stages
 from pipeline.store.apply import apply_changes
 from pipeline.store.locks import lock_conversation, try_conversation_locks
 from pipeline.store.lookups import EntityInfo, Lookups
+from pipeline.store.new_contacts import ExpectedContact, expect_contacts
 from pipeline.store.rows import holding_back
 from pipeline.store.write import write_mail
 from pipeline.trust import evaluate
@@ -88,21 +89,27 @@ class Attribute:
     name = "attribute"
 
     def __call__(self, ctx: MailContext, env: StageEnv) -> None:
-        ctx.sender = self._who(ctx, env, ctx.parsed.from_address, ctx.parsed.from_name)
-        forwarded = ctx.parsed.forwarded
-        if (ctx.sender.kind == "resource" and ctx.trust.passed and forwarded is not None
-                and forwarded.from_address and forwarded.from_address != ctx.parsed.from_address):
-            # A technician forwarded a customer's mail (Outlook's Forward, not a redirect): the
-            # customer is the sender. Only for an authenticated resource, or anyone could forward
-            # a mail to speak as a customer.
-            forwarder = ctx.sender.address
-            ctx.sender = self._who(ctx, env, forwarded.from_address, forwarded.from_name)
-            ctx.sender.why = f"forwarded by {forwarder}: {ctx.sender.why}"
+        ctx.sender = self.sender_of(ctx, env)
         decision = ctx.sender.kind if ctx.sender.policy == "accept" else ctx.sender.policy
         if ctx.sender.kind == "resource" and not ctx.trust.passed:
             decision = "unverified resource"
             ctx.no_answer = "mail from a resource address that failed the trust policy"
         ctx.note(self.name, decision, ctx.sender.why)
+
+    @classmethod
+    def sender_of(cls, ctx: MailContext, env: StageEnv) -> Sender:
+        """Who the parsed, authenticated mail is from, as the directory stands in this transaction."""
+        sender = cls._who(ctx, env, ctx.parsed.from_address, ctx.parsed.from_name)
+        forwarded = ctx.parsed.forwarded
+        if (sender.kind == "resource" and ctx.trust.passed and forwarded is not None
+                and forwarded.from_address and forwarded.from_address != ctx.parsed.from_address):
+            # A technician forwarded a customer's mail (Outlook's Forward, not a redirect): the
+            # customer is the sender. Only for an authenticated resource, or anyone could forward
+            # a mail to speak as a customer.
+            forwarder = sender.address
+            sender = cls._who(ctx, env, forwarded.from_address, forwarded.from_name)
+            sender.why = f"forwarded by {forwarder}: {sender.why}"
+        return sender
 
     @staticmethod
     def _who(ctx: MailContext, env: StageEnv, address: str, name: str) -> Sender:
@@ -435,17 +442,35 @@ AHEAD: tuple[Stage, ...] = tuple(takewhile(lambda stage: getattr(stage, "reads_s
 def prefetch(contexts: Iterable[MailContext], env: StageEnv) -> None:
     """The attribute stage's and the first gate's reads for a batch's parsed mails, the loop
     guard's checks and the duplicate-ticket rule's conversation locks: seven round trips for the
-    batch instead of up to four per mail (bench/README.md, issue 10)."""
+    batch instead of up to four per mail (bench/README.md, issue 10). On PostgreSQL, also the new
+    senders whose contacts the batch writes in one statement (`new_contacts`)."""
     parsed = [ctx for ctx in contexts if ctx.mail is not None and ctx.identity]
     env.lookups.prefetch_people(address for ctx in parsed for address in (
         ctx.parsed.from_address, ctx.parsed.forwarded.from_address if ctx.parsed.forwarded else None))
     env.lookups.prefetch_seen((ctx.parsed.message_id, ctx.identity) for ctx in parsed)
     env.asked_ahead = AskedAhead(env.loop_guard, _loop_questions(parsed, env))
     try_conversation_locks(env.session, (normalise_subject(ctx.parsed.subject) for ctx in parsed))
+    if env.session.get_bind().dialect.name == "postgresql" and holding_back(env.session):
+        # A SQLite batch holds its new contacts back instead: no other writer can race it for them.
+        expect_contacts(env.session, _new_senders(parsed, env))
     # Where the outbox statement counts them itself (PostgreSQL, outbox rows written at once), not needed.
     if env.session.get_bind().dialect.name != "postgresql" or holding_back(env.session):
         prefetch_answers(env.session, [(ctx.parsed.from_address.lower(), ctx.mailbox.notifications.answer_window_seconds)
                                        for ctx in parsed if ctx.parsed.from_address])
+
+
+def _new_senders(parsed: list[MailContext], env: StageEnv) -> dict[str, ExpectedContact]:
+    """The contacts a batch's mails will most likely create: each new sender's, as its first mail
+    would be attributed (a later mail finds the contact the first created)."""
+    found: dict[str, ExpectedContact] = {}
+    for ctx in parsed:
+        if ctx.trust is None:  # failed before the authenticate stage: it ends there in its turn
+            continue
+        sender = Attribute.sender_of(ctx, env)
+        if sender.kind == "new_contact" and sender.address not in found:
+            found[sender.address] = ExpectedContact(sender.name or "", sender.account_id,
+                                                    ctx.mailbox.unknown_sender.default_account)
+    return found
 
 
 def _loop_questions(parsed: list[MailContext], env: StageEnv) -> dict[int, dict[str, Any]]:

@@ -380,6 +380,56 @@ def test_a_first_unknown_sender_another_worker_is_writing_waits_and_shares_its_a
         assert (ticket.contact_id, ticket.account_id, kim.name) == (kim.id, account_id, "Kim (other worker)")
 
 
+def test_a_batch_writes_its_new_senders_contacts_in_one_statement(processor, store) -> None:
+    from pipeline.store.models import Contact
+
+    ids = _journal(processor, make_mail(from_="Ann New <ann.new@acme.example>", subject="Printer jams"),
+                   make_mail(subject="Scanner jams"),  # jane@acme.example is a contact already
+                   make_mail(from_="Cy Stranger <cy.stranger@gmail.com>", subject="Laptop will not boot"),
+                   make_mail(from_="Ann New <ann.new@acme.example>", subject="Monitor flickers"),
+                   make_mail(from_="Ben New <ben@fabrikam.example>", subject="Invoice question"))
+    sent = _sent(store)
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["ticket_created"] * 5
+    # Three new senders, one statement: on PostgreSQL written at the first that needed one (another
+    # worker may be writing the same sender), on SQLite held back with the batch's other rows.
+    contacts = [q for q in sent if q.startswith("INSERT INTO contacts")]
+    assert len(contacts) == 1 and ("ON CONFLICT" in contacts[0]) == (store.dialect == "postgresql")
+    assert not [q for q in sent if q.startswith("DELETE FROM contacts")]  # every one was taken
+    created = [("write", "contact created") in [(t.stage, t.decision) for t in r.trace] for r in results]
+    assert created == [True, False, True, False, True]  # Ann's second mail finds the contact her first made
+    with store.sessions() as s:
+        rows = s.execute(select(Ticket.title, Contact.email, Contact.name).join(Contact, Ticket.contact_id == Contact.id)
+                         .order_by(Ticket.id)).all()
+    assert [tuple(r) for r in rows] == [
+        ("Printer jams", "ann.new@acme.example", "Ann New"), ("Scanner jams", "jane@acme.example", "Jane Doe"),
+        ("Laptop will not boot", "cy.stranger@gmail.com", "Cy Stranger"),
+        ("Monitor flickers", "ann.new@acme.example", "Ann New"), ("Invoice question", "ben@fabrikam.example", "Ben New")]
+
+
+def test_a_new_senders_contact_the_batch_wrote_ahead_is_gone_when_their_mail_is_quarantined(
+        make_config, store, redis_client, tmp_path: Path, monkeypatch) -> None:
+    from pipeline.store.models import Contact
+
+    (tmp_path / "batch_poison_ahead.py").write_text(textwrap.dedent(POISON))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = make_config(parser_stages='["ticket_number", "reply_reference", "batch_poison_ahead:Poison"]')
+    processor = MailProcessor(config, store, redis_client)
+    ids = _journal(processor, make_mail(from_="Ann New <ann.new@acme.example>", subject="Printer jams"),
+                   make_mail(from_="New Person <new.person@contoso.example>", subject="POISON in the mail"))
+    sent, savepoints = _sent(store), _count_savepoints(store)
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["ticket_created", "quarantined"]
+    assert savepoints == []  # the poisoned mail took nothing: quarantined in place
+    if store.dialect == "postgresql":
+        # Ann's mail wrote both new senders' contacts; the one no mail took is deleted before the commit.
+        assert len([q for q in sent if q.startswith("INSERT INTO contacts")]) == 1
+        assert len([q for q in sent if q.startswith("DELETE FROM contacts")]) == 1
+    with store.sessions() as s:
+        assert s.scalar(select(Contact).where(Contact.email == "new.person@contoso.example")) is None
+        assert s.scalar(select(Contact.name).where(Contact.email == "ann.new@acme.example")) == "Ann New"
+
+
 TRUSTED_TOM = "Authentication-Results: mx.msp.example; dkim=pass header.d=msp.example; dmarc=pass header.from=msp.example"
 
 

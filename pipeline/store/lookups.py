@@ -273,8 +273,10 @@ class Lookups:
         return AccountInfo(row.id, row.name) if row is not None else None
 
     def account_by_name(self, name: str) -> Account | None:
+        """The account named `name`; remembered absent too, for the write stage remembers the
+        (default) account it creates (`write._default_account`)."""
         return remembered(self.session, ("account", name),
-                          lambda: self.session.scalar(select(Account).where(Account.name == name)))
+                          lambda: self.session.scalar(select(Account).where(Account.name == name)), absent_too=True)
 
     def known_roles(self) -> set[str]:
         """Every role some resource has: a role outside this set does not exist (D4)."""

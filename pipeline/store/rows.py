@@ -24,7 +24,8 @@ anything that needs them: a read of their table (through the ORM, or `write_held
 read), an ORM flush that updates one of them or inserts a row referring to their table
 (`_held_rows_before_flush`), an immediate insert into their table or a child of it. A row that
 another worker may write meanwhile (a new sender's contact) is not held: `add_new` asks at once
-and waits for the other worker, where a held row refused would cost the batch a second run.
+and waits for the other worker, where a held row refused would cost the batch a second run (a
+PostgreSQL batch asks for all its new senders' contacts in one statement, `new_contacts`).
 """
 
 from __future__ import annotations
@@ -259,8 +260,8 @@ def add_inserted(session: Session, obj: Model) -> Model:
     issue 10). Column defaults are applied here, so every attribute is loaded and reading one
     never goes back to the database; a later change is an ordinary UPDATE at the next flush.
     """
-    obj.id = append(session, type(obj), **_row(obj))
-    _as_loaded(session, obj)
+    obj.id = append(session, type(obj), **new_row(obj))
+    as_loaded(session, obj)
     return obj
 
 
@@ -274,11 +275,11 @@ def add_new(session: Session, obj: Model, unique: str) -> Model | None:
     """
     write_held(session, type(obj))
     statement = _insert_new(type(obj), unique, session.get_bind().dialect.name)
-    row = session.connection().execute(statement, _row(obj)).first()
+    row = session.connection().execute(statement, new_row(obj)).first()
     if row is None:
         return None
     obj.id = row[0]
-    _as_loaded(session, obj)
+    as_loaded(session, obj)
     return obj
 
 
@@ -315,7 +316,7 @@ def add_inserted_with(session: Session, parent: Base, child: Model, foreign_key:
         setattr(child, foreign_key, parent.id)
         return add_inserted(session, child)
     setattr(child, foreign_key, None)
-    parent_row, child_row = _row(parent), _row(child)
+    parent_row, child_row = new_row(parent), new_row(child)
     write_held(session, type(parent), type(child))
     params = {f"p_{k}": v for k, v in parent_row.items()}
     params.update({f"c_{k}": v for k, v in child_row.items() if k != foreign_key})
@@ -325,8 +326,8 @@ def add_inserted_with(session: Session, parent: Base, child: Model, foreign_key:
         return None
     child.id, parent.id = row
     setattr(child, foreign_key, parent.id)
-    _as_loaded(session, parent)
-    _as_loaded(session, child)
+    as_loaded(session, parent)
+    as_loaded(session, child)
     return child
 
 
@@ -345,7 +346,7 @@ def _insert_with(parent: type[Base], child: type[Base], foreign_key: str, unless
         .returning(c_table.c.id, c_table.c[foreign_key])
 
 
-def _row(obj: Base) -> dict[str, Any]:
+def new_row(obj: Base) -> dict[str, Any]:
     """The new object's column values, by column name, with column defaults applied (on the object too)."""
     values: dict[str, Any] = {}
     given = obj.__dict__
@@ -370,7 +371,8 @@ def held_objects(session: Session, model: type[Model]) -> list[Model]:
     return [obj for obj in session.info.get(_INSERTED, ()) if type(obj) is model and obj.id in held]
 
 
-def _as_loaded(session: Session, obj: Base) -> None:
+def as_loaded(session: Session, obj: Base) -> None:
+    """Put a new object whose row is written (or held back) in `session`, as if loaded from it."""
     make_transient_to_detached(obj)
     session.add(obj)
     session.info.setdefault(_INSERTED, []).append(obj)

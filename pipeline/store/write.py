@@ -30,6 +30,7 @@ from pipeline.store.models import (
     TimelineEntry,
 )
 from pipeline.store.numbers import allocate_number
+from pipeline.store.new_contacts import add_new_contact, expected
 from pipeline.store.rows import add_inserted, add_inserted_with, add_new, append, append_later, append_many
 
 
@@ -177,7 +178,8 @@ def _sender_records(session: Session, ctx: MailContext, *,
     """The account and contact the mail belongs to, creating what policy says to create.
 
     `with_ticket`: a contact to create is returned unwritten (the third value), for the caller to
-    write with the new ticket (`add_inserted_with`) and then pass to `_contact_created`.
+    write with the new ticket (`add_inserted_with`) and then pass to `_contact_created` — unless
+    the batch writes it with its other new senders' contacts (`new_contacts`).
     """
     s = ctx.sender
     if s.kind == "contact":
@@ -187,13 +189,13 @@ def _sender_records(session: Session, ctx: MailContext, *,
         account_id = _default_account(session, ctx.mailbox.unknown_sender.default_account).id
     if s.kind == "new_contact":
         contact = Contact(email=s.address, name=s.name or "", account_id=account_id)
-        if with_ticket:
+        if with_ticket and not expected(session, contact.email):
             return account_id, None, contact
-        if add_new(session, contact, "email") is None:
+        if add_new_contact(session, contact, lambda name: _default_account(session, name).id) is None:
             contact = _contact_found(session, ctx, contact.email)
-            return contact.account_id, contact.id, None
-        _contact_created(session, ctx, contact)
-        return account_id, contact.id, None
+        else:
+            _contact_created(session, ctx, contact)
+        return contact.account_id, contact.id, None
     return account_id, None, None
 
 
