@@ -261,14 +261,15 @@ class MailProcessor:
                         ids = [i for i, why in later.items() if isinstance(why, Busy)]
                         for journal_id in ids:
                             del later[journal_id]
-                discard_untaken(session)
                 try:
+                    discard_untaken(session)
                     flush_appended(session)
                 except TRANSIENT:
                     raise
                 except DBAPIError as exc:
-                    # A held-back row refused (a concurrent worker's copy of a mail, a trigger): only
-                    # a savepoint per mail, which writes at once, tells whose it is.
+                    # A held-back row refused (a concurrent worker's copy of a mail, a trigger), a contact
+                    # written ahead still referred to: only a savepoint per mail, which writes at once,
+                    # tells whose it is.
                     raise _Redo from exc
                 outcomes = [done.journal_row for done in finished if done.journal_row]
                 if outcomes:

@@ -25,7 +25,7 @@ from pipeline.notify.plan import status_changed_notice
 from pipeline.notify.recipients import prefetch_answers
 from pipeline.parsers.mime import Unparseable, mail_identity, parse_mail
 from pipeline.parsers.references import answered_message_ids
-from pipeline.parsers.rmm import AlertRecord, alert_of
+from pipeline.parsers.rmm import AlertRecord, RmmAlertStage, alert_of
 from pipeline.parsers.subject import normalise_subject
 from pipeline.registry import build_parser_stages
 from pipeline.store.apply import apply_changes
@@ -466,6 +466,9 @@ def _new_senders(parsed: list[MailContext], env: StageEnv) -> dict[str, Expected
     for ctx in parsed:
         if ctx.trust is None:  # failed before the authenticate stage: it ends there in its turn
             continue
+        if any(isinstance(stage, RmmAlertStage) and stage.may_claim(ctx)
+               for stage in build_parser_stages(ctx.mailbox.parser_stages)):
+            continue  # most likely an alert, whose sender is nobody's contact (Resolve._alert)
         sender = Attribute.sender_of(ctx, env)
         if sender.kind == "new_contact" and sender.address not in found:
             found[sender.address] = ExpectedContact(sender.name or "", sender.account_id,

@@ -381,8 +381,10 @@ def test_a_first_unknown_sender_another_worker_is_writing_waits_and_shares_its_a
 
 
 def test_a_batch_writes_its_new_senders_contacts_in_one_statement(processor, store) -> None:
-    from pipeline.store.models import Contact
+    from pipeline.store.models import Account, Contact
 
+    with store.transaction() as s:  # the default account of strangers exists (its first stranger's mail made it)
+        s.add(Account(name="Unassigned"))
     ids = _journal(processor, make_mail(from_="Ann New <ann.new@acme.example>", subject="Printer jams"),
                    make_mail(subject="Scanner jams"),  # jane@acme.example is a contact already
                    make_mail(from_="Cy Stranger <cy.stranger@gmail.com>", subject="Laptop will not boot"),
@@ -409,12 +411,11 @@ def test_a_batch_writes_its_new_senders_contacts_in_one_statement(processor, sto
 
 def test_a_new_senders_contact_the_batch_wrote_ahead_is_gone_when_their_mail_is_quarantined(
         make_config, store, redis_client, tmp_path: Path, monkeypatch) -> None:
-    from pipeline.store.models import Contact
+    from pipeline.store.models import Account, Contact
 
-    (tmp_path / "batch_poison_ahead.py").write_text(textwrap.dedent(POISON))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    config = make_config(parser_stages='["ticket_number", "reply_reference", "batch_poison_ahead:Poison"]')
-    processor = MailProcessor(config, store, redis_client)
+    processor = _poisoned(make_config, store, redis_client, tmp_path, monkeypatch, "batch_poison_ahead")
+    with store.transaction() as s:  # new.person@contoso.example's account: contoso.example is nobody's domain
+        s.add(Account(name="Unassigned"))
     ids = _journal(processor, make_mail(from_="Ann New <ann.new@acme.example>", subject="Printer jams"),
                    make_mail(from_="New Person <new.person@contoso.example>", subject="POISON in the mail"))
     sent, savepoints = _sent(store), _count_savepoints(store)
@@ -428,6 +429,94 @@ def test_a_new_senders_contact_the_batch_wrote_ahead_is_gone_when_their_mail_is_
     with store.sessions() as s:
         assert s.scalar(select(Contact).where(Contact.email == "new.person@contoso.example")) is None
         assert s.scalar(select(Contact.name).where(Contact.email == "ann.new@acme.example")) == "Ann New"
+
+
+def _poisoned(make_config, store, redis_client, tmp_path: Path, monkeypatch, module: str,
+              extra_mailbox: str = "") -> MailProcessor:
+    """A processor whose parser stage fails on a mail with POISON in its subject (`module`: one per test)."""
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(POISON))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = make_config(extra_mailbox, parser_stages=f'["ticket_number", "reply_reference", "{module}:Poison"]')
+    return MailProcessor(config, store, redis_client)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_contact_written_ahead_is_not_taken_for_known_by_a_mail_after_one_quarantined_in_place(
+        make_config, store, redis_client, tmp_path: Path, monkeypatch) -> None:
+    from pipeline.store.models import Contact
+
+    processor = _poisoned(make_config, store, redis_client, tmp_path, monkeypatch, "batch_poison_between")
+    [old] = processor.process_many(_journal(processor, make_mail(subject="Old issue")))
+    ids = _journal(processor, make_mail(from_="Ann New <ann.new@acme.example>", subject="Printer jams"),
+                   make_mail(subject="POISON here"),  # quarantined in place: the batch's cache is emptied
+                   make_mail(from_="Ben New <ben@fabrikam.example>", subject="Invoice question"),
+                   make_mail(subject=f"Re: [Ticket#{old.entity['number']}] Old issue", body="Any news?\n"))
+    savepoints = _count_savepoints(store)
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["ticket_created", "quarantined", "ticket_created", "note_added"]
+    assert savepoints == []
+    # Ben's row, written ahead with Ann's, is not there for his mail's reads until his mail takes it.
+    assert ("attribute", "new_contact") in [(t.stage, t.decision) for t in results[2].trace]
+    assert ("write", "contact created") in [(t.stage, t.decision) for t in results[2].trace]
+    with store.sessions() as s:
+        ticket = s.scalar(select(Ticket).where(Ticket.title == "Invoice question"))
+        assert ticket.contact_id == s.scalar(select(Contact.id).where(Contact.email == "ben@fabrikam.example"))
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_contact_written_ahead_has_the_name_and_account_of_the_mail_that_creates_it(
+        make_config, store, redis_client, tmp_path: Path, monkeypatch) -> None:
+    from pipeline.store.models import Account, Contact
+
+    processor = _poisoned(make_config, store, redis_client, tmp_path, monkeypatch, "batch_poison_other_box",
+                          '\n[mailbox.unknown_sender]\nmatch_domain = false\ndefault_account = "Billing Strays"\n')
+    with store.transaction() as s:
+        s.add(Account(name="Billing Strays"))
+    ids = [processor.journal("support", make_mail(from_="Ann Alpha <ann.new@acme.example>", subject="POISON here")),
+           processor.journal("billing", make_mail(from_="Ann Beta <ann.new@acme.example>", to="billing@msp.example",
+                                                  subject="Invoice question")),
+           processor.journal("support", make_mail(from_="Ben New <ben@fabrikam.example>", subject="Printer jams"))]
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["quarantined", "ticket_created", "ticket_created"]
+    with store.sessions() as s:
+        ann = s.scalar(select(Contact).where(Contact.email == "ann.new@acme.example"))
+        # The batch foresaw Ann from her first mail (support: Acme Corp by domain); the mail that created her
+        # contact came to billing, which matches no domain.
+        assert (ann.name, ann.account.name) == ("Ann Beta", "Billing Strays")
+        ticket = s.scalar(select(Ticket).where(Ticket.title == "Invoice question"))
+        assert (ticket.contact_id, ticket.account_id) == (ann.id, ann.account_id)
+
+
+def test_a_default_account_is_created_only_by_a_mail_that_needs_it(
+        make_config, store, redis_client, tmp_path: Path, monkeypatch) -> None:
+    from pipeline.store.models import Account, Contact
+
+    processor = _poisoned(make_config, store, redis_client, tmp_path, monkeypatch, "batch_poison_default")
+    ids = _journal(processor, make_mail(from_="Ann New <ann.new@acme.example>", subject="Printer jams"),
+                   make_mail(from_="Cy Stranger <cy.stranger@gmail.com>", subject="POISON here"))
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["ticket_created", "quarantined"]
+    with store.sessions() as s:
+        assert s.scalar(select(Account).where(Account.name == "Unassigned")) is None
+        assert s.scalar(select(Contact).where(Contact.email == "cy.stranger@gmail.com")) is None
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_an_rmm_senders_address_is_not_written_ahead_as_a_contact(make_config, store, redis_client) -> None:
+    from pipeline.store.models import Account
+    from tests.rmm.test_rmm import STAGES, ninja_alert
+
+    processor = MailProcessor(make_config(parser_stages=STAGES), store, redis_client)
+    with store.transaction() as s:  # where an unknown sender such as the RMM's would go
+        s.add(Account(name="Unassigned"))
+    ids = [processor.journal("support", make_mail(from_="Ann New <ann.new@acme.example>", subject="Printer jams"))]
+    ids += [processor.journal("support", ninja_alert(f"ACME-PC{n}", n)) for n in range(3)]
+    sent = _sent(store)
+    results = processor.process_many(ids)
+    assert [r.outcome for r in results] == ["ticket_created"] * 4
+    # Only Ann's contact: an alert's sender is nobody's contact, so it is neither written nor deleted.
+    [contacts] = [q for q in sent if q.startswith("INSERT INTO contacts")]
+    assert not [q for q in sent if q.startswith("DELETE FROM contacts")]
 
 
 TRUSTED_TOM = "Authentication-Results: mx.msp.example; dkim=pass header.d=msp.example; dmarc=pass header.from=msp.example"

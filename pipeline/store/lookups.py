@@ -23,6 +23,7 @@ from pipeline.store.models import (
     Task,
     Ticket,
 )
+from pipeline.store.new_contacts import written_ahead
 from pipeline.store.rows import flush_appended, held_objects, write_held
 
 OPEN_STATUSES = OPEN
@@ -218,7 +219,8 @@ class Lookups:
         row = self.session.connection().execute(_PERSON, params).one()
         resource = ResourceInfo(row.resource_id, row.resource_name) if row.resource_id is not None else None
         contact = (ContactInfo(row.contact_id, row.contact_name, row.account_id, row.account_name,
-                               row.notifications) if row.contact_id is not None else None)
+                               row.notifications)
+                   if row.contact_id is not None and not written_ahead(self.session, email) else None)
         remembered(self.session, ("resource", email), lambda: resource, absent_too=True)
         if len(candidates) <= _DOMAINS:  # else `account_by_domain` asks for all of them
             remembered(self.session, ("domain", domain), lambda: row.domain_account_id and AccountInfo(

@@ -191,7 +191,7 @@ def _sender_records(session: Session, ctx: MailContext, *,
         contact = Contact(email=s.address, name=s.name or "", account_id=account_id)
         if with_ticket and not expected(session, contact.email):
             return account_id, None, contact
-        if add_new_contact(session, contact, lambda name: _default_account(session, name).id) is None:
+        if add_new_contact(session, contact, Lookups(session).account_by_name) is None:
             contact = _contact_found(session, ctx, contact.email)
         else:
             _contact_created(session, ctx, contact)

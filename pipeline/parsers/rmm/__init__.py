@@ -78,13 +78,10 @@ class RmmAlertStage:
     def __call__(self, ctx: MailContext) -> None:
         if ctx.claimed_by:  # an earlier stage claimed it already
             return
+        if not self.may_claim(ctx):
+            return
         settings: dict[str, Any] = ctx.stage_settings(self.name)
         mail = ctx.parsed
-        senders = settings.get("senders", self.senders)
-        if isinstance(senders, str):
-            senders = (senders,)
-        if not any(_compile(s).fullmatch(mail.from_address or "") for s in senders):
-            return
         record = self.extract(mail.subject or "", mail.body_text or "", settings)
         if record is None:
             ctx.note(self.name, "not an alert", f"sender {mail.from_address} matches, subject and body do not")
@@ -97,6 +94,13 @@ class RmmAlertStage:
                  f"{record.device} / {record.alert_type}" + (f" at {record.site}" if record.site else "")
                  + (f", severity {record.severity}" if record.severity else "")
                  + (f", id {record.alert_id}" if record.alert_id else ""))
+
+    def may_claim(self, ctx: MailContext) -> bool:
+        """Is the mail from one of the vendor's senders, the only mail this stage may claim?"""
+        senders = ctx.stage_settings(self.name).get("senders", self.senders)
+        if isinstance(senders, str):
+            senders = (senders,)
+        return any(_compile(s).fullmatch(ctx.parsed.from_address or "") for s in senders)
 
     def extract(self, subject: str, body: str, settings: dict[str, Any] | None = None) -> AlertRecord | None:
         """The alert in a subject and body, or None when they are not an alert of this vendor."""
