@@ -5,18 +5,19 @@ one per new sender: most of a corpus of customer mail (bench/README.md, issue 10
 A batch knows its senders before any mail's turn (`stages.prefetch`), so at the first contact
 a mail must create, the batch inserts the contacts of every new sender it expects, in one
 `INSERT … ON CONFLICT DO NOTHING`, in address order: two batches that share new senders then
-wait for each other's contacts in one order (a cycle through other rows, such as a default account
-two batches create at once, is what it was before: PostgreSQL breaks it and the batch is retried).
-Each mail that creates its sender's contact
-then takes the row written for it, as `add_new` would have answered: the contact, with the
-mail's own name and account (the prediction came from the sender's first mail of the batch,
-which may not be the one that creates it), or None where another transaction had written the
-sender first (the caller reads theirs). Until a mail takes it, a row is not there for the
-batch's reads (`written_ahead`: a mail quarantined in place empties the batch's cache, and the
-next asks the database). A row no mail took (its mail stopped at a gate, or runs alone after the
-batch) is deleted before the batch commits: a contact exists only where a mail created it. A
-sender whose default account does not exist yet is not written ahead: the account too is
-created only by the mail that needs it.
+wait for each other's contacts in one order (a cycle through other rows, such as a default
+account two batches create at once, is what it was before: PostgreSQL breaks it and the batch is
+retried).
+
+Each mail that creates its sender's contact then takes the row written for it, as `add_new`
+would have answered: the contact, with the mail's own name and account (the prediction came from
+the sender's first mail of the batch, which may not be the one that creates it), or None where
+another transaction had written the sender first (the caller reads theirs). Until a mail takes
+it, a row is not there for the batch's reads (`written_ahead`: a mail quarantined in place
+empties the batch's cache, and the next asks the database). A row no mail took (its mail stopped
+at a gate, or runs alone after the batch) is deleted before the batch commits: a contact exists
+only where a mail created it. A sender whose default account does not exist yet is not written
+ahead: the account too is created only by the mail that needs it.
 
 Not held back to the batch's end like its other rows (`rows`): a contact refused there, because
 another worker's batch wrote the same sender meanwhile, would cost the batch a second run.
@@ -41,7 +42,7 @@ class ExpectedContact:
     """A new sender's contact as the batch's attribution foresees it."""
 
     name: str
-    account_id: int | None  # None: the mailbox's default account, created on first use
+    account_id: int | None  # None: the mailbox's default account (written ahead only if it exists)
     default_account: str
 
 
