@@ -62,12 +62,18 @@ class Poison:
 '''
 
 
+def _poisoned(make_config, store, redis_client, tmp_path: Path, monkeypatch, module: str,
+              extra_mailbox: str = "") -> MailProcessor:
+    """A processor whose parser stage fails on a mail with POISON in its subject (`module`: one per test)."""
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(POISON))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = make_config(extra_mailbox, parser_stages=f'["ticket_number", "reply_reference", "{module}:Poison"]')
+    return MailProcessor(config, store, redis_client)
+
+
 def test_one_failing_mail_is_quarantined_and_rolls_back_only_itself(make_config, store, redis_client,
                                                                     tmp_path: Path, monkeypatch) -> None:
-    (tmp_path / "batch_poison.py").write_text(textwrap.dedent(POISON))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    config = make_config(parser_stages='["ticket_number", "reply_reference", "batch_poison:Poison"]')
-    processor = MailProcessor(config, store, redis_client)
+    processor = _poisoned(make_config, store, redis_client, tmp_path, monkeypatch, "batch_poison")
     ids = _journal(processor, make_mail(subject="Printer jams"),
                    make_mail(from_="New Person <new.person@contoso.example>", subject="POISON in the mail"),
                    make_mail(subject="Scanner jams"))
@@ -431,15 +437,6 @@ def test_a_new_senders_contact_the_batch_wrote_ahead_is_gone_when_their_mail_is_
         assert s.scalar(select(Contact.name).where(Contact.email == "ann.new@acme.example")) == "Ann New"
 
 
-def _poisoned(make_config, store, redis_client, tmp_path: Path, monkeypatch, module: str,
-              extra_mailbox: str = "") -> MailProcessor:
-    """A processor whose parser stage fails on a mail with POISON in its subject (`module`: one per test)."""
-    (tmp_path / f"{module}.py").write_text(textwrap.dedent(POISON))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    config = make_config(extra_mailbox, parser_stages=f'["ticket_number", "reply_reference", "{module}:Poison"]')
-    return MailProcessor(config, store, redis_client)
-
-
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_contact_written_ahead_is_not_taken_for_known_by_a_mail_after_one_quarantined_in_place(
         make_config, store, redis_client, tmp_path: Path, monkeypatch) -> None:
@@ -515,7 +512,7 @@ def test_an_rmm_senders_address_is_not_written_ahead_as_a_contact(make_config, s
     results = processor.process_many(ids)
     assert [r.outcome for r in results] == ["ticket_created"] * 4
     # Only Ann's contact: an alert's sender is nobody's contact, so it is neither written nor deleted.
-    [contacts] = [q for q in sent if q.startswith("INSERT INTO contacts")]
+    assert len([q for q in sent if q.startswith("INSERT INTO contacts")]) == 1
     assert not [q for q in sent if q.startswith("DELETE FROM contacts")]
 
 
@@ -723,10 +720,7 @@ def _redis_round_trips(monkeypatch) -> list[str]:
 
 def test_a_batch_asks_the_loop_guard_in_one_round_trip_and_decides_as_mail_by_mail(
         make_config, store, redis_client, key_prefix, tmp_path: Path, monkeypatch) -> None:
-    (tmp_path / "batch_poison.py").write_text(textwrap.dedent(POISON))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    config = make_config(parser_stages='["ticket_number", "reply_reference", "batch_poison:Poison"]')
-    processor = MailProcessor(config, store, redis_client)
+    processor = _poisoned(make_config, store, redis_client, tmp_path, monkeypatch, "batch_poison")
     nas = "NAS01 <nas01@fabrikam.example>"
     mails = [make_mail(subject="Printer jams"), make_mail(from_=nas, subject="Backup failed", body="run 1\n"),
              make_mail(subject="POISON in the mail"), make_mail(from_=nas, subject="Backup failed", body="run 2\n"),
