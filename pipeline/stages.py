@@ -24,7 +24,11 @@ from pipeline.lifecycle import effective_status, settings_for, utc
 from pipeline.notify.plan import status_changed_notice
 from pipeline.notify.recipients import prefetch_answers
 from pipeline.parsers.mime import Unparseable, mail_identity, parse_mail
-from pipeline.parsers.references import answered_message_ids
+from pipeline.parsers.references import (
+    answered_message_ids,
+    find_references_in_subject,
+    references_from_message_ids,
+)
 from pipeline.parsers.rmm import AlertRecord, RmmAlertStage, alert_of
 from pipeline.parsers.subject import normalise_subject
 from pipeline.registry import build_parser_stages
@@ -32,6 +36,7 @@ from pipeline.store.apply import apply_changes
 from pipeline.store.locks import lock_conversation, try_conversation_locks
 from pipeline.store.lookups import EntityInfo, Lookups
 from pipeline.store.new_contacts import ExpectedContact, expect_contacts
+from pipeline.store.numbers import foresee_numbers
 from pipeline.store.rows import holding_back
 from pipeline.store.write import write_mail
 from pipeline.trust import evaluate
@@ -453,6 +458,7 @@ def prefetch(contexts: Iterable[MailContext], env: StageEnv) -> None:
     if env.session.get_bind().dialect.name == "postgresql" and holding_back(env.session):
         # A SQLite batch holds its new contacts back instead: no other writer can race it for them.
         expect_contacts(env.session, _new_senders(parsed, env))
+        foresee_numbers(env.session, "ticket", sum(1 for ctx in parsed if _may_open_ticket(ctx)))
     # Where the outbox statement counts them itself (PostgreSQL, outbox rows written at once), not needed.
     if env.session.get_bind().dialect.name != "postgresql" or holding_back(env.session):
         prefetch_answers(env.session, [(ctx.parsed.from_address.lower(), ctx.mailbox.notifications.answer_window_seconds)
@@ -466,14 +472,29 @@ def _new_senders(parsed: list[MailContext], env: StageEnv) -> dict[str, Expected
     for ctx in parsed:
         if ctx.trust is None:  # failed before the authenticate stage: it ends there in its turn
             continue
-        if any(isinstance(stage, RmmAlertStage) and stage.may_claim(ctx)
-               for stage in build_parser_stages(ctx.mailbox.parser_stages)):
+        if _may_be_alert(ctx):
             continue  # most likely an alert, whose sender is nobody's contact (Resolve._alert)
         sender = Attribute.sender_of(ctx, env)
         if sender.kind == "new_contact" and sender.address not in found:
             found[sender.address] = ExpectedContact(sender.name or "", sender.account_id,
                                                     ctx.mailbox.unknown_sender.default_account)
     return found
+
+
+def _may_be_alert(ctx: MailContext) -> bool:
+    return any(isinstance(stage, RmmAlertStage) and stage.may_claim(ctx)
+               for stage in build_parser_stages(ctx.mailbox.parser_stages))
+
+
+def _may_open_ticket(ctx: MailContext) -> bool:
+    """Whether a batch's mail will most likely need a new ticket's number: it got past the
+    authenticate stage and names no ticket, task or project in its subject or by our Message-IDs.
+    Alerts are left out: most of a storm's are repeats of an open alert ticket."""
+    if ctx.trust is None or ctx.dry_run or _may_be_alert(ctx):
+        return False
+    mail = ctx.parsed
+    return not (find_references_in_subject(mail.subject, ctx.config.settings.numbering)
+                or references_from_message_ids(answered_message_ids(mail)))
 
 
 def _loop_questions(parsed: list[MailContext], env: StageEnv) -> dict[int, dict[str, Any]]:

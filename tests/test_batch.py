@@ -554,8 +554,8 @@ def test_a_batch_writes_its_new_tickets_and_outbox_rows_in_one_statement_each(pr
     # SQLite held back with the rest; one insert either way.
     contacts = [q for q in sent if q.startswith("INSERT INTO contacts")]
     assert len(contacts) == 1 and ("ON CONFLICT" in contacts[0]) == (store.dialect == "postgresql")
-    # The ticket numbers: PostgreSQL increments the counter per ticket on a connection of its own
-    # (not the store engine's, which `sent` hears); a SQLite batch reads it once and writes it back once.
+    # The ticket numbers: PostgreSQL increments the counter once for the batch on a connection of its
+    # own (not the store engine's, which `sent` hears); a SQLite batch reads it once and writes it back once.
     counters = [q for q in sent if "number_sequences" in q]
     assert len(counters) == (0 if store.dialect == "postgresql" else 2)
     with store.sessions() as s:
@@ -570,6 +570,39 @@ def test_a_batch_writes_its_new_tickets_and_outbox_rows_in_one_statement_each(pr
     # Each answer carries its own ticket's number, as the results say.
     assert [f"[Ticket#{n}]" in subject for n, _t, subject, _e in rows] == [True] * 5
     assert [n for n, *_ in rows] == [r.entity["number"] for r in results]
+
+
+def test_a_batch_takes_its_new_tickets_numbers_at_once_and_foresees_none_for_a_reply(processor, store) -> None:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from pipeline.store.models import NumberSequence
+
+    first = processor.ingest("support", make_mail(subject="Printer jams"))
+    ids = _journal(processor, make_mail(subject="Outage 1"),
+                   make_mail(subject=f"Re: [Ticket#{first.entity['number']}] Printer jams", body="Still jams.\n"),
+                   make_mail(from_="Kim <kim@acme.example>", subject="VPN drops"), make_mail(subject="Outage 2"))
+    increments: list[dict] = []
+
+    def heard(_conn, _cursor, statement, params, *_args) -> None:
+        if statement.lstrip().startswith("INSERT INTO number_sequences"):
+            increments.append(params)
+
+    event.listen(Engine, "before_cursor_execute", heard)  # the counter has an engine of its own on PostgreSQL
+    try:
+        results = processor.process_many(ids)
+    finally:
+        event.remove(Engine, "before_cursor_execute", heard)
+    assert [r.outcome for r in results] == ["ticket_created", "note_added", "ticket_created", "ticket_created"]
+    prefix, seq = first.entity["number"].rsplit(".", 1)
+    assert [r.entity["number"] for r in results] == [
+        f"{prefix}.{int(seq) + 1:04d}", first.entity["number"], f"{prefix}.{int(seq) + 2:04d}", f"{prefix}.{int(seq) + 3:04d}"]
+    if store.dialect == "postgresql":  # three new tickets foreseen (not the reply), taken in one increment
+        assert [p["size"] for p in increments] == [3]
+    else:  # counted on in memory under the write lock, written back once
+        assert len(increments) == 1
+    with store.sessions() as s:  # nothing taken past the last number used
+        assert s.scalar(select(NumberSequence.last_value).where(NumberSequence.kind == "ticket")) == int(seq) + 3
 
 
 def test_a_batch_from_known_contacts_reads_them_and_their_accounts_once(processor, store) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import datetime
 from functools import cache
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine, Insert, bindparam, create_engine, event, select
+from sqlalchemy import Connection, Engine, Insert, bindparam, create_engine, event, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -16,6 +18,8 @@ from pipeline.store.db import count_change
 from pipeline.store.locks import NO_WAIT
 from pipeline.store.models import NumberSequence
 from pipeline.store.rows import holding_back
+
+log = logging.getLogger("pipeline.store")
 
 
 def allocate_number(session: Session, kind: str, numbering: NumberingSettings, now: datetime) -> str:
@@ -28,14 +32,16 @@ def allocate_number(session: Session, kind: str, numbering: NumberingSettings, n
     PostgreSQL the upsert commits on its own connection at once: held to the end of a batch,
     the counter's row lock would make every other worker wait for that batch. The price is
     a gap in the sequence where a batch (or one mail of it) is rolled back; numbers stay
-    unique (D3).
+    unique (D3). Such a batch takes the numbers its mails will most likely need in one
+    increment (`foresee_numbers`) and, at its end, gives back those it did not use where nobody
+    took one since (`_give_back`).
     """
     local = now.astimezone(ZoneInfo(numbering.timezone))
     dialect = session.get_bind().dialect.name
     params = {"kind": kind, "day": local.strftime("%Y-%m-%d")}
     stmt = _upsert(dialect)
     if session.info.get(NO_WAIT) and dialect == "postgresql":
-        seq = _counter_connection(session).execute(stmt, params).scalar_one()
+        seq = _take_from_block(session, params)
     elif dialect == "sqlite" and holding_back(session):
         seq = _counted_on(session, params)
     else:
@@ -53,6 +59,58 @@ def _upsert(dialect: str) -> Insert:
         .on_conflict_do_update(index_elements=[table.c.kind, table.c.day],
                                set_={"last_value": table.c.last_value + 1}) \
         .returning(table.c.last_value)
+
+
+@cache
+def _increment_by() -> Insert:
+    """The increment by a block's size, returning the block's last number (PostgreSQL)."""
+    table = NumberSequence.__table__
+    stmt = postgresql.insert(table).values(kind=bindparam("kind"), day=bindparam("day"), last_value=bindparam("size"))
+    return stmt.on_conflict_do_update(index_elements=[table.c.kind, table.c.day],
+                                      set_={"last_value": table.c.last_value + stmt.excluded.last_value}) \
+        .returning(table.c.last_value)
+
+
+# Numbers taken and not used go back only if nobody took one since: else they stay a gap.
+_GIVE_BACK = (update(NumberSequence)
+              .where(NumberSequence.kind == bindparam("b_kind"), NumberSequence.day == bindparam("b_day"),
+                     NumberSequence.last_value == bindparam("b_last"))
+              .values(last_value=bindparam("b_first") - 1))
+
+# session.info keys: how many numbers of each kind the batch's mails will most likely still need
+# (`foresee_numbers`); the blocks it took, by (kind, day): [next number to hand out, last number].
+_FORESEEN = "mailloop.foreseen_numbers"
+_BLOCKS = "mailloop.number_blocks"
+
+
+def foresee_numbers(session: Session, kind: str, count: int) -> None:
+    """How many numbers of `kind` a PostgreSQL batch's mails will most likely need: its first
+    allocation takes them all in one increment instead of a round trip each (bench/README.md,
+    issue 10, session 24). A guess too high costs nothing where the batch can give the rest back,
+    a gap where another worker took a number meanwhile; too low, a round trip a number past it."""
+    session.info.setdefault(_FORESEEN, {})[kind] = count
+
+
+def _take_from_block(session: Session, params: dict[str, str]) -> int:
+    key = (params["kind"], params["day"])
+    blocks = session.info.setdefault(_BLOCKS, {})
+    foreseen = session.info.get(_FORESEEN, {})
+    block = blocks.get(key)
+    if block is None or block[0] > block[1]:
+        size = max(foreseen.get(key[0], 0), 1)
+        last = _counter_connection(session).execute(_increment_by(), {**params, "size": size}).scalar_one()
+        block = blocks[key] = [last - size + 1, last]
+    if foreseen.get(key[0]):
+        foreseen[key[0]] -= 1
+    block[0] += 1
+    return block[0] - 1
+
+
+def _give_back_unused(blocks: list[tuple[tuple[str, str], list[int]]], conn: Connection) -> None:
+    unused = [{"b_kind": kind, "b_day": day, "b_first": first, "b_last": last}
+              for (kind, day), (first, last) in blocks if first <= last]
+    if unused:
+        conn.execute(_GIVE_BACK, unused)
 
 
 _READ = select(NumberSequence.last_value).where(NumberSequence.kind == bindparam("kind"),
@@ -121,9 +179,17 @@ def _counter_connection(session: Session) -> Connection:
 
 def _give_back(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:  # the batch's transaction, not a mail's savepoint
+        session.info.pop(_FORESEEN, None)
+        blocks = session.info.pop(_BLOCKS, None)
         own = session.info.pop(_OWN, None)
         if own is not None:
-            own.close()
+            try:
+                if blocks:
+                    _give_back_unused(list(blocks.items()), own)
+            except DBAPIError as exc:  # the server went away: the numbers stay a gap, still unique
+                log.warning("ticket numbers not given back (%s): a gap in the sequence", exc.orig or exc)
+            finally:
+                own.close()
 
 
 def dispose_counters(engine: Engine) -> None:

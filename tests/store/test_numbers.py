@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import re
 from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.engine import Engine
 
 from pipeline.config import NumberingSettings
 from pipeline.store.db import Store
 from pipeline.store.locks import NO_WAIT
-from pipeline.store.numbers import allocate_number
+from pipeline.store.numbers import allocate_number, foresee_numbers
+from pipeline.store.models import NumberSequence
 from pipeline.store.rows import hold_back_appends
 
 
-def _allocate_many(url: str, count: int, queue: mp.Queue, per_batch: int = 0) -> None:
+def _allocate_many(url: str, count: int, queue: mp.Queue, per_batch: int = 0, foreseen: int = 0) -> None:
     """`count` numbers, one per transaction, or `per_batch` per transaction run as a process task's
-    batch runs it (rows held back, no lock waited for: on SQLite the counter is counted on in memory)."""
+    batch runs it (rows held back, no lock waited for: on SQLite the counter is counted on in memory),
+    its mails foreseen to need `foreseen` numbers."""
     store = Store(url)
     numbering = NumberingSettings()
     at = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
@@ -24,16 +31,17 @@ def _allocate_many(url: str, count: int, queue: mp.Queue, per_batch: int = 0) ->
             if per_batch:
                 session.info[NO_WAIT] = True
                 hold_back_appends(session)
+                foresee_numbers(session, "ticket", foreseen)
             for _ in range(per_batch or 1):
                 got.append(allocate_number(session, "ticket", numbering, at))
     store.dispose()
     queue.put(got)
 
 
-def _numbers_from_processes(db_url: str, each: int, per_batch: tuple[int, ...]) -> list[str]:
+def _numbers_from_processes(db_url: str, each: int, per_batch: tuple[int, ...], foreseen: int = 0) -> list[str]:
     """The numbers `len(per_batch)` processes allocated at once, `each` apiece (`_allocate_many`)."""
     queue: mp.Queue = mp.get_context("spawn").Queue()
-    procs = [mp.get_context("spawn").Process(target=_allocate_many, args=(db_url, each, queue, n))
+    procs = [mp.get_context("spawn").Process(target=_allocate_many, args=(db_url, each, queue, n, foreseen))
              for n in per_batch]
     for p in procs:
         p.start()
@@ -76,6 +84,84 @@ def test_a_batch_rolled_back_leaves_no_gap_on_sqlite_and_one_on_postgresql(db_ur
         expected = "T20261123.0005" if db_url.startswith("postgresql") else "T20261123.0002"
         assert allocate_number(session, "ticket", numbering, at) == expected
     store.dispose()
+
+
+AT = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def pg_store(pg_database: str):
+    """PostgreSQL only: a SQLite batch counts on in memory, under its write lock, and foresees nothing."""
+    store = Store(pg_database)
+    with store.transaction() as session:
+        session.execute(NumberSequence.__table__.delete())
+    yield store
+    store.dispose()
+
+
+@pytest.fixture
+def increments() -> list[dict]:
+    """The parameters of every increment of a counter any engine sends from now on."""
+    seen: list[dict] = []
+
+    def one(_conn, _cursor, statement, params, *_args) -> None:
+        if re.match(r"\s*INSERT INTO number_sequences", statement):
+            seen.append(params)
+
+    event.listen(Engine, "before_cursor_execute", one)
+    yield seen
+    event.remove(Engine, "before_cursor_execute", one)
+
+
+def _batch(store: Store, foreseen: int, used: int) -> list[str]:
+    """`used` numbers taken as a PostgreSQL process task's batch takes them, `foreseen` foreseen."""
+    numbering = NumberingSettings()
+    with store.transaction() as session:
+        session.info[NO_WAIT] = True
+        hold_back_appends(session)
+        foresee_numbers(session, "ticket", foreseen)
+        return [allocate_number(session, "ticket", numbering, AT) for _ in range(used)]
+
+
+def _last_value(store: Store) -> int:
+    with store.sessions() as session:
+        return session.scalar(select(NumberSequence.last_value).where(NumberSequence.kind == "ticket"))
+
+
+def test_a_postgresql_batch_takes_the_numbers_its_mails_will_need_in_one_increment(pg_store, increments) -> None:
+    assert _batch(pg_store, foreseen=3, used=3) == ["T20261123.0001", "T20261123.0002", "T20261123.0003"]
+    assert [p["size"] for p in increments] == [3]
+
+
+def test_a_batch_needing_more_numbers_than_it_foresaw_takes_the_rest_one_at_a_time(pg_store, increments) -> None:
+    assert _batch(pg_store, foreseen=2, used=4) == [f"T20261123.{i:04d}" for i in range(1, 5)]
+    assert [p["size"] for p in increments] == [2, 1, 1]
+
+
+def test_numbers_a_batch_foresaw_and_did_not_use_are_given_back(pg_store) -> None:
+    assert _batch(pg_store, foreseen=5, used=2) == ["T20261123.0001", "T20261123.0002"]
+    assert _last_value(pg_store) == 2
+    assert _batch(pg_store, foreseen=0, used=1) == ["T20261123.0003"]  # no gap
+
+
+def test_unused_numbers_stay_a_gap_when_another_worker_took_one_since(pg_store) -> None:
+    numbering = NumberingSettings()
+    with pg_store.transaction() as session:
+        session.info[NO_WAIT] = True
+        hold_back_appends(session)
+        foresee_numbers(session, "ticket", 5)
+        first = allocate_number(session, "ticket", numbering, AT)
+        # Another worker's single mail takes the next number past the batch's five meanwhile.
+        assert _batch(pg_store, foreseen=0, used=1) == ["T20261123.0006"]
+    assert first == "T20261123.0001"
+    # Giving 2-5 back would hand out 6 again: they stay a gap, every number unique.
+    assert _last_value(pg_store) == 6
+    assert _batch(pg_store, foreseen=0, used=1) == ["T20261123.0007"]
+
+
+def test_numbers_stay_unique_when_batches_foresee_more_than_they_use_at_once(pg_store, pg_database) -> None:
+    numbers = _numbers_from_processes(pg_database, 25, (5, 5, 0, 5), foreseen=8)
+    assert len(numbers) == len(set(numbers)) == 100
 
 
 def test_the_sequence_restarts_each_day_in_the_configured_zone(db_url: str) -> None:
