@@ -458,7 +458,7 @@ def prefetch(contexts: Iterable[MailContext], env: StageEnv) -> None:
     if env.session.get_bind().dialect.name == "postgresql" and holding_back(env.session):
         # A SQLite batch holds its new contacts back instead: no other writer can race it for them.
         expect_contacts(env.session, _new_senders(parsed, env))
-        foresee_numbers(env.session, "ticket", sum(1 for ctx in parsed if _may_open_ticket(ctx)))
+        foresee_numbers(env.session, "ticket", len({_conversation(ctx) for ctx in parsed if _may_open_ticket(ctx)}))
     # Where the outbox statement counts them itself (PostgreSQL, outbox rows written at once), not needed.
     if env.session.get_bind().dialect.name != "postgresql" or holding_back(env.session):
         prefetch_answers(env.session, [(ctx.parsed.from_address.lower(), ctx.mailbox.notifications.answer_window_seconds)
@@ -495,6 +495,14 @@ def _may_open_ticket(ctx: MailContext) -> bool:
     mail = ctx.parsed
     return not (find_references_in_subject(mail.subject, ctx.config.settings.numbering)
                 or references_from_message_ids(answered_message_ids(mail)))
+
+
+def _conversation(ctx: MailContext) -> tuple[str, str] | int:
+    """Where the duplicate-ticket rule makes notes, a conversation's second mail in the batch most
+    likely becomes a note on the ticket its first opens: they count once."""
+    if ctx.mailbox.duplicate_ticket.rule != "note":
+        return id(ctx)
+    return ctx.parsed.from_address.lower(), normalise_subject(ctx.parsed.subject)
 
 
 def _loop_questions(parsed: list[MailContext], env: StageEnv) -> dict[int, dict[str, Any]]:

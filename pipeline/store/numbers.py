@@ -9,7 +9,7 @@ from functools import cache
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine, Insert, bindparam, create_engine, event, select, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -86,9 +86,11 @@ _BLOCKS = "mailloop.number_blocks"
 def foresee_numbers(session: Session, kind: str, count: int) -> None:
     """How many numbers of `kind` a PostgreSQL batch's mails will most likely need: its first
     allocation takes them all in one increment instead of a round trip each (bench/README.md,
-    issue 10, session 24). A guess too high costs nothing where the batch can give the rest back,
-    a gap where another worker took a number meanwhile; too low, a round trip a number past it."""
+    issue 10, session 24). A guess too low costs a round trip for each number past it; too high,
+    nothing where the batch can give the rest back, a gap where another worker took a number
+    meanwhile (with several workers busy, most of what was guessed too many)."""
     session.info.setdefault(_FORESEEN, {})[kind] = count
+    _until_the_end(session)
 
 
 def _take_from_block(session: Session, params: dict[str, str]) -> int:
@@ -172,9 +174,14 @@ def _counter_connection(session: Session) -> Connection:
     own = session.info.get(_OWN)
     if own is None:
         own = session.info[_OWN] = _counters(session.get_bind()).connect()
-        if not event.contains(session, "after_transaction_end", _give_back):
-            event.listen(session, "after_transaction_end", _give_back)
+        _until_the_end(session)
     return own
+
+
+def _until_the_end(session: Session) -> None:
+    """The batch's counters state lives until its transaction ends (`_give_back`)."""
+    if not event.contains(session, "after_transaction_end", _give_back):
+        event.listen(session, "after_transaction_end", _give_back)
 
 
 def _give_back(session: Session, transaction: SessionTransaction) -> None:
@@ -184,10 +191,11 @@ def _give_back(session: Session, transaction: SessionTransaction) -> None:
         own = session.info.pop(_OWN, None)
         if own is not None:
             try:
-                if blocks:
-                    _give_back_unused(list(blocks.items()), own)
-            except DBAPIError as exc:  # the server went away: the numbers stay a gap, still unique
-                log.warning("ticket numbers not given back (%s): a gap in the sequence", exc.orig or exc)
+                # A connection lost mid-batch is not asked again: what the batch raised is the news.
+                if blocks and not own.invalidated:
+                    _give_back_unused(sorted(blocks.items()), own)  # in key order: two batches never deadlock
+            except SQLAlchemyError as exc:  # the server went away: the numbers stay a gap, still unique
+                log.warning("numbers not given back (%s): a gap in the sequence", getattr(exc, "orig", None) or exc)
             finally:
                 own.close()
 

@@ -18,11 +18,15 @@ from pipeline.store.models import NumberSequence
 from pipeline.store.rows import hold_back_appends
 
 
-def _allocate_many(url: str, count: int, queue: mp.Queue, per_batch: int = 0, foreseen: int = 0) -> None:
+def _allocate_many(url: str, count: int, queue: mp.Queue, per_batch: int = 0, foreseen: int = 0,
+                   start=None) -> None:
     """`count` numbers, one per transaction, or `per_batch` per transaction run as a process task's
     batch runs it (rows held back, no lock waited for: on SQLite the counter is counted on in memory),
-    its mails foreseen to need `foreseen` numbers."""
+    its mails foreseen to need `foreseen` numbers; once every process is at `start` (a barrier)."""
     store = Store(url)
+    if start is not None:
+        store.engine.connect().close()  # connected before the race starts, not during it
+        start.wait(timeout=120)
     numbering = NumberingSettings()
     at = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
     got = []
@@ -40,8 +44,10 @@ def _allocate_many(url: str, count: int, queue: mp.Queue, per_batch: int = 0, fo
 
 def _numbers_from_processes(db_url: str, each: int, per_batch: tuple[int, ...], foreseen: int = 0) -> list[str]:
     """The numbers `len(per_batch)` processes allocated at once, `each` apiece (`_allocate_many`)."""
-    queue: mp.Queue = mp.get_context("spawn").Queue()
-    procs = [mp.get_context("spawn").Process(target=_allocate_many, args=(db_url, each, queue, n, foreseen))
+    spawn = mp.get_context("spawn")
+    queue: mp.Queue = spawn.Queue()
+    start = spawn.Barrier(len(per_batch))
+    procs = [spawn.Process(target=_allocate_many, args=(db_url, each, queue, n, foreseen, start))
              for n in per_batch]
     for p in procs:
         p.start()
@@ -160,8 +166,54 @@ def test_unused_numbers_stay_a_gap_when_another_worker_took_one_since(pg_store) 
 
 
 def test_numbers_stay_unique_when_batches_foresee_more_than_they_use_at_once(pg_store, pg_database) -> None:
-    numbers = _numbers_from_processes(pg_database, 25, (5, 5, 0, 5), foreseen=8)
-    assert len(numbers) == len(set(numbers)) == 100
+    numbers = _numbers_from_processes(pg_database, 300, (5, 3, 0, 5), foreseen=8)
+    assert len(numbers) == len(set(numbers)) == 1200
+
+
+def test_a_batch_rolled_back_gives_back_what_it_foresaw_and_did_not_use(pg_store) -> None:
+    with pytest.raises(RuntimeError):
+        with pg_store.transaction() as session:
+            session.info[NO_WAIT] = True
+            hold_back_appends(session)
+            foresee_numbers(session, "ticket", 5)
+            assert allocate_number(session, "ticket", NumberingSettings(), AT) == "T20261123.0001"
+            raise RuntimeError("the batch fails")
+    # 1 went with the rolled-back batch (a gap, as without foresight); 2-5 came back.
+    assert _batch(pg_store, foreseen=0, used=1) == ["T20261123.0002"]
+
+
+def test_a_batch_across_midnight_gives_back_both_days_unused_numbers(pg_store) -> None:
+    numbering = NumberingSettings()
+    with pg_store.transaction() as session:
+        session.info[NO_WAIT] = True
+        hold_back_appends(session)
+        foresee_numbers(session, "ticket", 4)
+        assert allocate_number(session, "ticket", numbering, AT.replace(hour=23, minute=59)) == "T20261123.0001"
+        assert allocate_number(session, "ticket", numbering, AT.replace(day=24, hour=0, minute=1)) == "T20261124.0001"
+    with pg_store.sessions() as session:
+        counters = dict(session.execute(select(NumberSequence.day, NumberSequence.last_value)).all())
+    assert counters == {"2026-11-23": 1, "2026-11-24": 1}
+
+
+def test_a_batch_whose_counter_connection_is_lost_fails_as_a_database_outage(pg_store) -> None:
+    from sqlalchemy import text
+
+    from pipeline.process import TRANSIENT
+    from pipeline.store.numbers import _OWN
+
+    numbering = NumberingSettings()
+    with pytest.raises(TRANSIENT):  # retried by the task, as any outage; not an error of ours
+        with pg_store.transaction() as session:
+            session.info[NO_WAIT] = True
+            hold_back_appends(session)
+            foresee_numbers(session, "ticket", 3)
+            allocate_number(session, "ticket", numbering, AT.replace(hour=23, minute=59))
+            pid = session.info[_OWN].exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            with pg_store.engine.connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            allocate_number(session, "ticket", numbering, AT.replace(day=24, hour=0, minute=1))  # a new block
+    # The block's unused numbers stay a gap; the next batch counts on past it.
+    assert _batch(pg_store, foreseen=0, used=1) == ["T20261123.0004"]
 
 
 def test_the_sequence_restarts_each_day_in_the_configured_zone(db_url: str) -> None:
