@@ -458,7 +458,7 @@ def prefetch(contexts: Iterable[MailContext], env: StageEnv) -> None:
     if env.session.get_bind().dialect.name == "postgresql" and holding_back(env.session):
         # A SQLite batch holds its new contacts back instead: no other writer can race it for them.
         expect_contacts(env.session, _new_senders(parsed, env))
-        foresee_numbers(env.session, "ticket", len({_conversation(ctx) for ctx in parsed if _may_open_ticket(ctx)}))
+        foresee_numbers(env.session, "ticket", len({_conversation(ctx) for ctx in parsed if _may_open_ticket(ctx, env)}))
     # Where the outbox statement counts them itself (PostgreSQL, outbox rows written at once), not needed.
     if env.session.get_bind().dialect.name != "postgresql" or holding_back(env.session):
         prefetch_answers(env.session, [(ctx.parsed.from_address.lower(), ctx.mailbox.notifications.answer_window_seconds)
@@ -486,11 +486,15 @@ def _may_be_alert(ctx: MailContext) -> bool:
                for stage in build_parser_stages(ctx.mailbox.parser_stages))
 
 
-def _may_open_ticket(ctx: MailContext) -> bool:
+def _may_open_ticket(ctx: MailContext, env: StageEnv) -> bool:
     """Whether a batch's mail will most likely need a new ticket's number: it got past the
-    authenticate stage and names no ticket, task or project in its subject or by our Message-IDs.
-    Alerts are left out: most of a storm's are repeats of an open alert ticket."""
+    authenticate stage, the loop guard did not say discard when asked ahead, and it names no
+    ticket, task or project in its subject or by our Message-IDs. Alerts are left out: most of a
+    storm's are repeats of an open alert ticket."""
     if ctx.trust is None or ctx.dry_run or _may_be_alert(ctx):
+        return False
+    answer = env.asked_ahead.answers.get(ctx.journal_id) if env.asked_ahead else None
+    if answer is not None and not answer.admitted:
         return False
     mail = ctx.parsed
     return not (find_references_in_subject(mail.subject, ctx.config.settings.numbering)

@@ -608,6 +608,30 @@ def test_a_batch_takes_its_new_tickets_numbers_at_once_and_foresees_none_for_a_r
         assert s.scalar(select(NumberSequence.last_value).where(NumberSequence.kind == "ticket")) == int(seq) + 3
 
 
+def test_a_mail_the_loop_guard_will_discard_is_not_foreseen_to_need_a_number(processor, store) -> None:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    looping = dict(from_="Auto Mailer <noreply@acme.example>", subject="Your request was received")
+    for _ in range(2):  # the window's two mails
+        processor.ingest("support", make_mail(**looping))
+    ids = _journal(processor, make_mail(**looping), make_mail(from_="Kim <kim@acme.example>", subject="VPN drops"))
+    sizes: list[int] = []
+
+    def heard(_conn, _cursor, statement, params, *_args) -> None:
+        if statement.lstrip().startswith("INSERT INTO number_sequences") and isinstance(params, dict):
+            sizes.append(params["size"])  # PostgreSQL's increment (SQLite writes its count back, positionally)
+
+    event.listen(Engine, "before_cursor_execute", heard)
+    try:
+        results = processor.process_many(ids)
+    finally:
+        event.remove(Engine, "before_cursor_execute", heard)
+    assert [r.outcome for r in results] == ["discarded", "ticket_created"]
+    if store.dialect == "postgresql":
+        assert sizes == [1]  # Kim's ticket only: the third looping mail was answered "discard" ahead
+
+
 def test_a_batch_from_known_contacts_reads_them_and_their_accounts_once(processor, store) -> None:
     ids = _journal(processor, *[make_mail(subject=f"Outage {n}") for n in range(3)],
                    make_mail(from_="Kim Lee <kim.lee@fabrikam.example>", subject="Invoice question"))
