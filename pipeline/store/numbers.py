@@ -39,13 +39,12 @@ def allocate_number(session: Session, kind: str, numbering: NumberingSettings, n
     local = now.astimezone(ZoneInfo(numbering.timezone))
     dialect = session.get_bind().dialect.name
     params = {"kind": kind, "day": local.strftime("%Y-%m-%d")}
-    stmt = _upsert(dialect)
     if session.info.get(NO_WAIT) and dialect == "postgresql":
         seq = _take_from_block(session, params)
     elif dialect == "sqlite" and holding_back(session):
         seq = _counted_on(session, params)
     else:
-        seq = session.connection().execute(stmt, params).scalar_one()  # Core: the ORM path costs more than the upsert
+        seq = session.connection().execute(_upsert(dialect), params).scalar_one()  # Core: the ORM path costs more
     fmt = getattr(numbering, kind)
     return fmt.format(date=local, seq=seq)
 
