@@ -572,10 +572,26 @@ def test_a_batch_writes_its_new_tickets_and_outbox_rows_in_one_statement_each(pr
     assert [n for n, *_ in rows] == [r.entity["number"] for r in results]
 
 
-def test_a_batch_takes_its_new_tickets_numbers_at_once_and_foresees_none_for_a_reply(processor, store) -> None:
+def _processed_counting_increments(processor: MailProcessor, ids: list[int]) -> tuple[list, list]:
+    """`process_many(ids)`'s results, and the parameters of each counter increment it sent (the
+    counter has an engine of its own on PostgreSQL; SQLite's is its count written back)."""
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
+    increments: list = []
+
+    def heard(_conn, _cursor, statement, params, *_args) -> None:
+        if statement.lstrip().startswith("INSERT INTO number_sequences"):
+            increments.append(params)
+
+    event.listen(Engine, "before_cursor_execute", heard)
+    try:
+        return processor.process_many(ids), increments
+    finally:
+        event.remove(Engine, "before_cursor_execute", heard)
+
+
+def test_a_batch_takes_its_new_tickets_numbers_at_once_and_foresees_none_for_a_reply(processor, store) -> None:
     from pipeline.store.models import NumberSequence
 
     first = processor.ingest("support", make_mail(subject="Printer jams"))
@@ -583,17 +599,7 @@ def test_a_batch_takes_its_new_tickets_numbers_at_once_and_foresees_none_for_a_r
                    make_mail(subject=f"Re: [Ticket#{first.entity['number']}] Printer jams", body="Still jams.\n"),
                    make_mail(from_="Kim <kim@acme.example>", subject="VPN drops"), make_mail(subject="Outage 2"),
                    make_mail(subject="Re: Outage 2"))  # the same conversation: a note on the ticket the last opened
-    increments: list[dict] = []
-
-    def heard(_conn, _cursor, statement, params, *_args) -> None:
-        if statement.lstrip().startswith("INSERT INTO number_sequences"):
-            increments.append(params)
-
-    event.listen(Engine, "before_cursor_execute", heard)  # the counter has an engine of its own on PostgreSQL
-    try:
-        results = processor.process_many(ids)
-    finally:
-        event.remove(Engine, "before_cursor_execute", heard)
+    results, increments = _processed_counting_increments(processor, ids)
     assert [r.outcome for r in results] == ["ticket_created", "note_added", "ticket_created", "ticket_created",
                                             "note_added"]
     prefix, seq = first.entity["number"].rsplit(".", 1)
@@ -609,27 +615,14 @@ def test_a_batch_takes_its_new_tickets_numbers_at_once_and_foresees_none_for_a_r
 
 
 def test_a_mail_the_loop_guard_will_discard_is_not_foreseen_to_need_a_number(processor, store) -> None:
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
     looping = dict(from_="Auto Mailer <noreply@acme.example>", subject="Your request was received")
     for _ in range(2):  # the window's two mails
         processor.ingest("support", make_mail(**looping))
     ids = _journal(processor, make_mail(**looping), make_mail(from_="Kim <kim@acme.example>", subject="VPN drops"))
-    sizes: list[int] = []
-
-    def heard(_conn, _cursor, statement, params, *_args) -> None:
-        if statement.lstrip().startswith("INSERT INTO number_sequences") and isinstance(params, dict):
-            sizes.append(params["size"])  # PostgreSQL's increment (SQLite writes its count back, positionally)
-
-    event.listen(Engine, "before_cursor_execute", heard)
-    try:
-        results = processor.process_many(ids)
-    finally:
-        event.remove(Engine, "before_cursor_execute", heard)
+    results, increments = _processed_counting_increments(processor, ids)
     assert [r.outcome for r in results] == ["discarded", "ticket_created"]
     if store.dialect == "postgresql":
-        assert sizes == [1]  # Kim's ticket only: the third looping mail was answered "discard" ahead
+        assert [p["size"] for p in increments] == [1]  # Kim's ticket only: the third looping mail was answered "discard" ahead
 
 
 def test_a_batch_from_known_contacts_reads_them_and_their_accounts_once(processor, store) -> None:

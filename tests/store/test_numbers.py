@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import re
+from contextlib import contextmanager
 from datetime import datetime, timezone
+from typing import Iterator
 
 import pytest
 from sqlalchemy import event, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from pipeline.config import NumberingSettings
 from pipeline.store.db import Store
@@ -18,11 +21,21 @@ from pipeline.store.models import NumberSequence
 from pipeline.store.rows import hold_back_appends
 
 
+@contextmanager
+def _batch_transaction(store: Store, foreseen: int) -> Iterator[Session]:
+    """A transaction as a process task's batch runs it (rows held back, no lock waited for: on
+    SQLite the counter is counted on in memory), its mails foreseen to need `foreseen` numbers."""
+    with store.transaction() as session:
+        session.info[NO_WAIT] = True
+        hold_back_appends(session)
+        foresee_numbers(session, "ticket", foreseen)
+        yield session
+
+
 def _allocate_many(url: str, count: int, queue: mp.Queue, per_batch: int = 0, foreseen: int = 0,
                    start=None) -> None:
     """`count` numbers, one per transaction, or `per_batch` per transaction run as a process task's
-    batch runs it (rows held back, no lock waited for: on SQLite the counter is counted on in memory),
-    its mails foreseen to need `foreseen` numbers; once every process is at `start` (a barrier)."""
+    batch runs it (`_batch_transaction`, `foreseen` foreseen); once every process is at `start` (a barrier)."""
     store = Store(url)
     if start is not None:
         store.engine.connect().close()  # connected before the race starts, not during it
@@ -31,11 +44,7 @@ def _allocate_many(url: str, count: int, queue: mp.Queue, per_batch: int = 0, fo
     at = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
     got = []
     while len(got) < count:
-        with store.transaction() as session:
-            if per_batch:
-                session.info[NO_WAIT] = True
-                hold_back_appends(session)
-                foresee_numbers(session, "ticket", foreseen)
+        with _batch_transaction(store, foreseen) if per_batch else store.transaction() as session:
             for _ in range(per_batch or 1):
                 got.append(allocate_number(session, "ticket", numbering, at))
     store.dispose()
@@ -122,10 +131,7 @@ def increments() -> list[dict]:
 def _batch(store: Store, foreseen: int, used: int) -> list[str]:
     """`used` numbers taken as a PostgreSQL process task's batch takes them, `foreseen` foreseen."""
     numbering = NumberingSettings()
-    with store.transaction() as session:
-        session.info[NO_WAIT] = True
-        hold_back_appends(session)
-        foresee_numbers(session, "ticket", foreseen)
+    with _batch_transaction(store, foreseen) as session:
         return [allocate_number(session, "ticket", numbering, AT) for _ in range(used)]
 
 
@@ -152,10 +158,7 @@ def test_numbers_a_batch_foresaw_and_did_not_use_are_given_back(pg_store) -> Non
 
 def test_unused_numbers_stay_a_gap_when_another_worker_took_one_since(pg_store) -> None:
     numbering = NumberingSettings()
-    with pg_store.transaction() as session:
-        session.info[NO_WAIT] = True
-        hold_back_appends(session)
-        foresee_numbers(session, "ticket", 5)
+    with _batch_transaction(pg_store, foreseen=5) as session:
         first = allocate_number(session, "ticket", numbering, AT)
         # Another worker's single mail takes the next number past the batch's five meanwhile.
         assert _batch(pg_store, foreseen=0, used=1) == ["T20261123.0006"]
@@ -172,10 +175,7 @@ def test_numbers_stay_unique_when_batches_foresee_more_than_they_use_at_once(pg_
 
 def test_a_batch_rolled_back_gives_back_what_it_foresaw_and_did_not_use(pg_store) -> None:
     with pytest.raises(RuntimeError):
-        with pg_store.transaction() as session:
-            session.info[NO_WAIT] = True
-            hold_back_appends(session)
-            foresee_numbers(session, "ticket", 5)
+        with _batch_transaction(pg_store, foreseen=5) as session:
             assert allocate_number(session, "ticket", NumberingSettings(), AT) == "T20261123.0001"
             raise RuntimeError("the batch fails")
     # 1 went with the rolled-back batch (a gap, as without foresight); 2-5 came back.
@@ -184,10 +184,7 @@ def test_a_batch_rolled_back_gives_back_what_it_foresaw_and_did_not_use(pg_store
 
 def test_a_batch_across_midnight_gives_back_both_days_unused_numbers(pg_store) -> None:
     numbering = NumberingSettings()
-    with pg_store.transaction() as session:
-        session.info[NO_WAIT] = True
-        hold_back_appends(session)
-        foresee_numbers(session, "ticket", 4)
+    with _batch_transaction(pg_store, foreseen=4) as session:
         assert allocate_number(session, "ticket", numbering, AT.replace(hour=23, minute=59)) == "T20261123.0001"
         assert allocate_number(session, "ticket", numbering, AT.replace(day=24, hour=0, minute=1)) == "T20261124.0001"
     with pg_store.sessions() as session:
@@ -203,10 +200,7 @@ def test_a_batch_whose_counter_connection_is_lost_fails_as_a_database_outage(pg_
 
     numbering = NumberingSettings()
     with pytest.raises(TRANSIENT):  # retried by the task, as any outage; not an error of ours
-        with pg_store.transaction() as session:
-            session.info[NO_WAIT] = True
-            hold_back_appends(session)
-            foresee_numbers(session, "ticket", 3)
+        with _batch_transaction(pg_store, foreseen=3) as session:
             allocate_number(session, "ticket", numbering, AT.replace(hour=23, minute=59))
             pid = session.info[_OWN].exec_driver_sql("SELECT pg_backend_pid()").scalar()
             with pg_store.engine.connect() as other:
