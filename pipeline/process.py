@@ -118,18 +118,23 @@ class MailProcessor:
             raise Unavailable(f"cannot journal the mail: {_one_line(exc)}") from None
 
     def journal_many(self, mailbox: str, mails: Sequence[tuple[bytes, str | None]],
-                     received_at: datetime | None = None) -> list[int]:
+                     received_at: datetime | None = None,
+                     dates: Sequence[datetime | None] | None = None) -> list[int]:
         """Journal several raw mails (with their source references) in one commit; their ids in order.
 
         For a source that hands over a batch (a fetch): one commit instead of one per mail.
+        `dates`, one per mail, are their own received times (a backlog's Date: headers); a
+        mail without one takes `received_at`, else now.
         """
         self.config.mailbox(mailbox)
         at = received_at or datetime.now(timezone.utc)
         if not mails:
             return []
+        own = list(dates) if dates is not None else [None] * len(mails)
         try:
             with self.store.transaction() as session:
-                rows = [{"mailbox": mailbox, "raw": raw, "source_ref": ref, "received_at": at} for raw, ref in mails]
+                rows = [{"mailbox": mailbox, "raw": raw, "source_ref": ref, "received_at": date or at}
+                        for (raw, ref), date in zip(mails, own, strict=True)]
                 conn = session.connection()
                 if conn.dialect.name == "sqlite":
                     # The ids past the highest are this transaction's (BEGIN IMMEDIATE holds the write
@@ -146,6 +151,12 @@ class MailProcessor:
     def ingest(self, mailbox: str, raw: bytes, received_at: datetime | None = None,
                source_ref: str | None = None) -> Result:
         return self.process(self.journal(mailbox, raw, received_at, source_ref))
+
+    def ingest_many(self, mailbox: str, mails: Sequence[tuple[bytes, str | None, datetime | None]]) -> list[Result]:
+        """`ingest` for several mails (raw, source reference, received time or None for now): one
+        journal commit, then one batch — a result per mail, in order, as one by one would give."""
+        ids = self.journal_many(mailbox, [(raw, ref) for raw, ref, _ in mails], dates=[at for _, _, at in mails])
+        return self.process_many(ids)
 
     # -- process --------------------------------------------------------------------------
     def process(self, journal_id: int) -> Result:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import mailbox
+import re
 import socket
+from datetime import datetime
 
 from tests.conftest import fixture_bytes, make_mail, run_cli
 
@@ -134,6 +136,62 @@ def test_import_takes_folders_and_mbox_with_a_summary(config, store, tmp_path) -
     assert "imported 4 mail(s): 4 ticket_created" in proc.stderr.decode()
     again = cli(config, "import", "--mailbox", "support", str(folder))
     assert "3 already_processed" in again.stderr.decode()
+
+
+def _dated(raw: bytes, at: str) -> bytes:
+    """`raw` with its Date: header replaced (make_mail dates every mail alike)."""
+    return re.sub(rb"^Date: .*$", b"Date: " + at.encode(), raw, count=1, flags=re.MULTILINE)
+
+
+def test_import_gives_each_mail_its_own_date_for_the_loop_guard(config, store, tmp_path) -> None:
+    # A monitoring mail repeated every ten minutes last week: no loop, though the backlog comes at once.
+    backlog = tmp_path / "backlog"
+    backlog.mkdir()
+    for i in range(4):
+        raw = make_mail(from_="alerts@acme.example", subject="Nightly backup failed", body=f"Run {i} failed.\n")
+        (backlog / f"{i}.eml").write_bytes(_dated(raw, f"Mon, 30 Nov 2026 02:{i * 10:02d}:00 +0000"))
+    # Three within a minute: the third is a loop, as it was when they arrived.
+    for i in range(3):
+        raw = make_mail(from_="Bob <bob@fabrikam.example>", subject="Out of office", body=f"Away {i}.\n")
+        (backlog / f"ooo{i}.eml").write_bytes(_dated(raw, f"Mon, 30 Nov 2026 03:00:{i * 20:02d} +0000"))
+
+    proc = cli(config, "import", "--mailbox", "support", "--json", str(backlog))
+
+    assert proc.returncode == 0, proc.stderr
+    outcomes = [json.loads(line)["outcome"] for line in proc.stdout.decode().splitlines()]
+    # The folder's order: 0–3.eml, then ooo0–2.eml.
+    assert outcomes == ["ticket_created", "note_added", "note_added", "note_added",
+                        "ticket_created", "note_added", "discarded"]
+    from sqlalchemy import select
+
+    from pipeline.store.models import JournalEntry
+
+    with store.sessions() as s:
+        received = [at.replace(tzinfo=None) for at in s.scalars(select(JournalEntry.received_at)
+                                                                .order_by(JournalEntry.id))]
+    assert received[:4] == [datetime(2026, 11, 30, 2, minute) for minute in (0, 10, 20, 30)]
+
+
+def test_import_of_a_backlog_larger_than_a_batch_keeps_its_order(config, store, tmp_path) -> None:
+    backlog = tmp_path / "backlog"
+    backlog.mkdir()
+    for i in range(120):  # three batches: 50, 50 and 20
+        (backlog / f"{i:03d}.eml").write_bytes(make_mail(from_=f"user{i}@acme.example", subject=f"Issue {i:03d}"))
+
+    proc = cli(config, "import", "--mailbox", "support", "--json", str(backlog))
+
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert "imported 120 mail(s): 120 ticket_created" in proc.stderr.decode()
+    from sqlalchemy import select
+
+    from pipeline.store.models import Ticket
+
+    with store.sessions() as s:
+        title_of = dict(s.execute(select(Ticket.number, Ticket.title)).all())
+    # Each JSON line is its own mail's result, in the folder's order, numbered in that order.
+    assert [title_of[r["entity"]["number"]] for r in results] == [f"Issue {i:03d}" for i in range(120)]
+    assert [r["entity"]["number"] for r in results] == sorted(title_of)
 
 
 def test_directory_load_is_idempotent_for_toml_and_csv(config, store, tmp_path) -> None:

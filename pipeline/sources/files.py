@@ -42,7 +42,9 @@ def iter_backlog(paths: tuple[Path, ...] | list[Path]) -> Iterator[tuple[str, Lo
 def mail_date(raw: bytes) -> datetime | None:
     """The mail's own Date: (its time for the loop guard on import), or None."""
     try:
-        value = BytesHeaderParser().parsebytes(raw[:65536]).get("Date")
+        # Only the header block: the parser would otherwise read a big attachment's lines too.
+        ends = [i for i in (raw.find(b"\n\n", 0, 65536), raw.find(b"\r\n\r\n", 0, 65536)) if i >= 0]
+        value = BytesHeaderParser().parsebytes(raw[:min(ends, default=65536)]).get("Date")
         date = parsedate_to_datetime(str(value)) if value else None
     except (TypeError, ValueError, IndexError):
         return None
