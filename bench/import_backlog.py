@@ -75,16 +75,8 @@ def main() -> None:
     print(f"backlog: {len(mails)} mails, {sum(map(len, mails)) / 2**20:.1f} MiB (bench/make_corpus.py), "
           "as a folder of .eml files")
     for db in ["sqlite", "postgresql"] if args.db == "both" else [args.db]:
-        with tempfile.TemporaryDirectory(prefix="mailloop-bench-") as tmp:
-            drop = None
-            url = f"sqlite:///{tmp}/bench.db"
-            if db == "postgresql":
-                url, drop = bench_pipeline._pg_database(args.pg_admin)
-            try:
-                r = run_import(mails, url, args.redis, Path(tmp))
-            finally:
-                if drop:
-                    drop()
+        with bench_pipeline.scratch_database(db, args.pg_admin) as (url, workdir):
+            r = run_import(mails, url, args.redis, workdir)
         print(f"pipeline import, {db:<10} {r['rate']:7.1f} mails/s  ({r['elapsed']:.1f} s in all, start-up "
               f"included; CPU {r['cpu_ms']:.2f} ms per mail)  {r['summary']}")
 

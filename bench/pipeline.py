@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -240,6 +242,21 @@ def _pg_database(admin_url: str):
     return admin_url.rsplit("/", 1)[0] + "/" + name, drop
 
 
+@contextmanager
+def scratch_database(db: str, admin_url: str) -> Iterator[tuple[str, Path]]:
+    """A temporary directory, and a fresh database: a SQLite file in it, or one on the PostgreSQL
+    server that is dropped afterwards. Yields (database URL, directory)."""
+    with tempfile.TemporaryDirectory(prefix="mailloop-bench-") as tmp:
+        if db != "postgresql":
+            yield f"sqlite:///{tmp}/bench.db", Path(tmp)
+            return
+        url, drop = _pg_database(admin_url)
+        try:
+            yield url, Path(tmp)
+        finally:
+            drop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000, help="mails in the corpus (default 2000)")
@@ -268,16 +285,8 @@ def main() -> None:
     print(f"{'bare mail-parser (parse only)':<48} {bare:8.1f} mails/s")
     for db, batch in [(db, b) for db in (["sqlite", "postgresql"] if args.db == "both" else [args.db])
                       for b in args.batch]:
-        with tempfile.TemporaryDirectory(prefix="mailloop-bench-") as tmp:
-            drop = None
-            url = f"sqlite:///{tmp}/bench.db"
-            if db == "postgresql":
-                url, drop = _pg_database(args.pg_admin)
-            try:
-                r = pipeline_run(mails, url, args.redis, Path(tmp), args.profile, batch, args.senders == "known")
-            finally:
-                if drop:
-                    drop()
+        with scratch_database(db, args.pg_admin) as (url, workdir):
+            r = pipeline_run(mails, url, args.redis, workdir, args.profile, batch, args.senders == "known")
         label = f"pipeline journal→written, {db}, " + ("1 per tx" if batch == 1 else f"{batch} per tx")
         if args.senders == "known":
             label += ", known senders"
