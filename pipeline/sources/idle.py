@@ -64,7 +64,7 @@ class IdleFetcher:
         self.redis = client
         self.stop = stop
         self.lock = MailboxLock(client, config, box.name)
-        self.sink = Sink(sink.journal, sink.enqueue, keepalive=self._renew)
+        self.sink = Sink(sink.journal, sink.enqueue, keepalive=self._renew, journal_many=sink.journal_many)
         self.state = ImapState(client, config, box.name)
 
     # -- the outer loop: lock, connect, serve, and what to do when that fails -------------

@@ -176,22 +176,21 @@ def _fetch_batch(client: IMAPClient, box: MailboxConfig, uidvalidity: int, batch
     bodies = client.fetch(wanted, ["BODY.PEEK[]"]) if wanted else {}
     ids: list[int] = [known[refs[uid]] for uid in batch if refs[uid] in known]
     done = [uid for uid in batch if refs[uid] in known and uid in sizes]
-    for uid in wanted:
-        raw = bodies.get(uid, {}).get(b"BODY[]")
-        if raw is None:
-            failed[uid] = "the server returned no body"
+    arrived = {uid: bodies.get(uid, {}).get(b"BODY[]") for uid in wanted}
+    failed.update({uid: "the server returned no body" for uid, raw in arrived.items() if raw is None})
+    fetched = [uid for uid, raw in arrived.items() if raw is not None]
+    # The store down (Unavailable) stops here: nothing of this batch is moved, the next pass resumes.
+    journaled = sink.journal_each(box.name, [(arrived[uid], refs[uid]) for uid in fetched])
+    for uid, outcome in zip(fetched, journaled):
+        if isinstance(outcome, Exception):  # one mail the store refuses must not block the others
+            log.error("mailbox %s: UID %s could not be journaled: %s: %s", box.name, uid,
+                      type(outcome).__name__, outcome)
+            failed[uid] = f"not journaled: {type(outcome).__name__}: {outcome}"
             continue
-        try:
-            ids.append(sink.journal(box.name, raw, source_ref=refs[uid]))
-        except Unavailable:
-            raise  # the store is down: stop here, nothing of this batch is moved, the next pass resumes
-        except Exception as exc:  # one mail the store refuses must not block the others
-            log.exception("mailbox %s: UID %s could not be journaled", box.name, uid)
-            failed[uid] = f"not journaled: {type(exc).__name__}: {exc}"
-            continue
+        ids.append(outcome)
         done.append(uid)
         result.journaled += 1
-        sink.keepalive()
+    sink.keepalive()
     # Only now, with every mail of the batch committed to the journal, may the server forget them.
     _finish(client, source, done)
     result.finished += len(done)

@@ -94,19 +94,25 @@ def _fetch(conn: poplib.POP3, box: MailboxConfig, store: Store, sink: Sink) -> i
     for batch in chunks(listing, source.fetch_batch):
         refs = {int(num): f"pop3:{box.name}:{uidl}" for num, uidl in batch}
         known = known_refs(store, box.name, list(refs.values()))
-        ids = []
+        new: dict[int, bytes] = {}
         for num, ref in refs.items():
             if ref not in known:
                 if sizes.get(num, 0) > source.max_message_bytes:
                     log.error("mailbox %s: POP3 mail %s (%s bytes) is over the limit of %s and stays on the server",
                               box.name, ref, sizes[num], source.max_message_bytes)
                     continue
-                raw = b"\r\n".join(conn.retr(num)[1]) + b"\r\n"
-                known[ref] = sink.journal(box.name, raw, source_ref=ref)
-                journaled += 1
-                sink.keepalive()
-            ids.append(known[ref])
-            conn.dele(num)
+                new[num] = b"\r\n".join(conn.retr(num)[1]) + b"\r\n"
+        for num, outcome in zip(new, sink.journal_each(box.name, [(raw, refs[num]) for num, raw in new.items()])):
+            if isinstance(outcome, Exception):
+                raise outcome  # nothing of this batch is deleted; the journaled ones are known next time
+            known[refs[num]] = outcome
+            journaled += 1
+        sink.keepalive()
+        ids = []
+        for num, ref in refs.items():
+            if ref in known:
+                ids.append(known[ref])
+                conn.dele(num)
         if ids:
             sink.enqueue(ids)
     return journaled

@@ -63,7 +63,7 @@ def serve(config: Config, names: list[str] | None, stop: threading.Event) -> Non
     client = connect_redis(config.redis_url)
     processor = MailProcessor(config, store, client)
     enqueue = celery_enqueue(config)
-    sink = Sink(processor.journal, enqueue)
+    sink = Sink(processor.journal, enqueue, journal_many=processor.journal_many)
     threads = []
     for box in boxes:
         if box.source.kind == "imap":

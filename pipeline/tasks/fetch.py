@@ -63,7 +63,9 @@ def fetch_mailbox(mailbox: str) -> int:
         log.info("mailbox %s: another fetcher is at work; skipping this turn", mailbox)
         return 0
     try:
-        sink = Sink(rt.processor().journal, lambda ids: enqueue(ids, PROCESS_BATCH), keepalive=lock.renew)
+        processor = rt.processor()
+        sink = Sink(processor.journal, lambda ids: enqueue(ids, PROCESS_BATCH), keepalive=lock.renew,
+                    journal_many=processor.journal_many)
         count = fetch_source(rt, box, sink)
         record_fetch(client, rt.config, mailbox, datetime.now(UTC))
     except SourceError as exc:

@@ -77,7 +77,8 @@ def write_config(path: Path, db_url: str, key_prefix: str, support: dict[str, An
 
 def processing_sink(processor: MailProcessor) -> Sink:
     """Journal through the processor and process each batch at once, in this process."""
-    return Sink(processor.journal, lambda ids: [processor.process(i) for i in ids])
+    return Sink(processor.journal, lambda ids: [processor.process(i) for i in ids],
+                journal_many=processor.journal_many)
 
 
 def outcomes(store: Store) -> Counter[str | None]:

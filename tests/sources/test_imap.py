@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 from imapclient.exceptions import IMAPClientError
+from sqlalchemy import event, text
 
 from pipeline.process import MailProcessor
 from pipeline.sources.base import PermanentSourceError, Sink
@@ -86,6 +87,58 @@ def test_a_mail_that_cannot_be_fetched_goes_to_the_failed_folder_and_the_rest_go
     assert len(dovecot.message_ids("support", "Processed")) == 3
     assert dovecot.count("support", "INBOX") == 0
     assert outcomes(store) == {"ticket_created": 3}
+
+
+def test_a_fetched_batch_is_journaled_in_one_statement(
+        dovecot: Dovecot, tmp_path: Path, db_url: str, key_prefix: str, store: Store,
+        redis_client: redis.Redis) -> None:
+    config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix, imap_source(dovecot))
+    dovecot.append("support", _mails(12))
+    inserts = []
+
+    def heard(conn, cursor, statement, *args) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO JOURNAL"):
+            inserts.append(statement)
+
+    processor = _processor(config, store, redis_client)
+    event.listen(store.engine, "before_cursor_execute", heard)
+    try:
+        result = fetch_once(config.mailbox("support"), config, store, redis_client,
+                            Sink(processor.journal, lambda ids: None, journal_many=processor.journal_many))
+    finally:
+        event.remove(store.engine, "before_cursor_execute", heard)
+    assert (result.journaled, result.finished) == (12, 12)
+    assert len(inserts) == 1  # one commit for the batch, not one per mail
+    assert [ref.rsplit(":", 1)[1] for ref, _ in journal_rows(store)] == [str(uid) for uid in range(1, 13)]
+
+
+def test_a_mail_the_store_refuses_goes_to_the_failed_folder_and_the_rest_of_its_batch_go_on(
+        dovecot: Dovecot, tmp_path: Path, db_url: str, key_prefix: str, store: Store,
+        redis_client: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix, imap_source(dovecot))
+    mails = _mails(4)
+    mails[1] = make_mail(subject="Refused by the store", message_id="<refused@acme.example>", body="REFUSE-ME\n")
+    dovecot.append("support", mails)
+    # A real refusal: a policy trigger, as a DBA might install one.
+    with store.engine.begin() as conn:
+        conn.execute(text("CREATE FUNCTION refuse_marked() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                          "IF position('REFUSE-ME'::bytea in NEW.raw) > 0 THEN "
+                          "RAISE EXCEPTION 'refused by policy'; END IF; RETURN NEW; END $$"))
+        conn.execute(text("CREATE TRIGGER refuse_marked BEFORE INSERT ON journal FOR EACH ROW "
+                          "EXECUTE FUNCTION refuse_marked()"))
+    processor = _processor(config, store, redis_client)
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
+        result = fetch_once(config.mailbox("support"), config, store, redis_client, processing_sink(processor))
+
+    assert (result.journaled, result.finished, result.failed) == (3, 3, 1)
+    assert dovecot.message_ids("support", "Failed") == ["<refused@acme.example>"]
+    assert dovecot.message_ids("support", "Processed") == ["<laptop-000@acme.example>", "<laptop-002@acme.example>",
+                                                          "<laptop-003@acme.example>"]
+    assert outcomes(store) == {"ticket_created": 3}
+    assert any("refused" in r.getMessage() and "one by one" in r.getMessage() for r in caplog.records)
+    assert any("could not be journaled" in r.getMessage() and "refused by policy" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_a_uid_the_last_uid_skipped_is_found_by_the_periodic_reconciliation(

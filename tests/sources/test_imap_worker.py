@@ -24,6 +24,7 @@ from tests.sources.conftest import (
     write_config,
 )
 from tests.sources.dovecot import Dovecot
+from tests.sources.held_move import HeldMove
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,8 +43,12 @@ def _inbox_uids_journaled(store: Store, dovecot: Dovecot) -> int:
 def test_a_worker_killed_between_journal_and_imap_move_leaves_each_mail_processed_exactly_once(
         dovecot: Dovecot, tmp_path: Path, db_url: str, key_prefix: str, store: Store) -> None:
     total = 300
+    # The batch is journaled in one commit and moved right after: the relay holds the MOVE back,
+    # so that the kill falls between the two every time.
+    relay = HeldMove(dovecot.imap_port)
     config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix,
-                          imap_source(dovecot, idle=False, fetch_batch=300, poll_seconds=1))
+                          imap_source(dovecot, idle=False, fetch_batch=300, poll_seconds=1, security="none",
+                                      port=relay.port))
     dovecot.append("support", [make_mail(subject=f"Server {i:03d} is down", message_id=f"<down-{i:03d}@acme.example>",
                                          body=f"Server {i} does not answer.\n" + "z" * 20000)
                                for i in range(total)])
@@ -57,12 +62,11 @@ def test_a_worker_killed_between_journal_and_imap_move_leaves_each_mail_processe
         worker = WorkerProcess(config.path, tmp_path / "worker.log", env=env).start()
         try:
             app.send_task("pipeline.tasks.fetch.fetch_mailbox", args=["support"])
-            wait_until(lambda: journal_count(store) >= 20, 90, "the fetch did not start", every=0.01)
+            wait_until(relay.holding.is_set, 90, "the fetch did not reach the move")
             worker.kill()
-            at_kill = journal_count(store)
-            unmoved = _inbox_uids_journaled(store, dovecot)
-            assert 0 < unmoved and at_kill < total, \
-                f"the kill did not fall between journal and move ({at_kill} journaled, {unmoved} unmoved)"
+            assert journal_count(store) == total and _inbox_uids_journaled(store, dovecot) == total, \
+                "the kill did not fall between journal and move"
+            relay.release()
 
             worker = WorkerProcess(config.path, tmp_path / "worker2.log", env=env).start()
 
@@ -77,6 +81,7 @@ def test_a_worker_killed_between_journal_and_imap_move_leaves_each_mail_processe
         finally:
             worker.stop()
             app.close()
+            relay.close()
 
     assert outcomes(store) == Counter({"ticket_created": total})
     with store.sessions() as session:
