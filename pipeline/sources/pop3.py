@@ -102,12 +102,12 @@ def _fetch(conn: poplib.POP3, box: MailboxConfig, store: Store, sink: Sink) -> i
                               box.name, ref, sizes[num], source.max_message_bytes)
                     continue
                 new[num] = b"\r\n".join(conn.retr(num)[1]) + b"\r\n"
+                sink.keepalive()  # a batch of big mails over a slow link can outlast the fetch lock
         for num, outcome in zip(new, sink.journal_each(box.name, [(raw, refs[num]) for num, raw in new.items()])):
             if isinstance(outcome, Exception):
                 raise outcome  # nothing of this batch is deleted; the journaled ones are known next time
             known[refs[num]] = outcome
             journaled += 1
-        sink.keepalive()
         ids = []
         for num, ref in refs.items():
             if ref in known:
