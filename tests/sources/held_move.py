@@ -2,9 +2,10 @@
 
 A fetch journals a batch in one commit and moves it right after; a test that must kill the
 worker between the two cannot win that race by polling. This relay passes every byte through
-unchanged, except that a client's `MOVE`/`UID MOVE` command waits at the relay until the
-test calls `release()` — the network stalling at the worst moment. `holding` is set once a
-MOVE is waiting.
+unchanged, except that a client's `MOVE`/`UID MOVE` command waits at the relay — the network
+stalling at the worst moment. `holding` is set once a MOVE waits. `drop_held()` then cuts the
+waiting connections without sending their MOVE (the connection of a killed worker dies with
+it: the server must never see the command) and lets later MOVEs through.
 """
 
 from __future__ import annotations
@@ -13,26 +14,35 @@ import re
 import socket
 import threading
 
-from tests.services import free_port
-
 _MOVE = re.compile(rb"^\S+ (?:UID )?MOVE ", re.IGNORECASE)
 
 
 class HeldMove:
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.port = free_port()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
         self.holding = threading.Event()
-        self.released = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._released = threading.Event()
+        self._held: list[tuple[socket.socket, socket.socket]] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def release(self) -> None:
-        self.released.set()
+    def drop_held(self) -> None:
+        """Cut the connections whose MOVE waits, unsent; MOVEs after this pass through."""
+        for pair in self._held:
+            for s in pair:
+                _close(s)
+        self._released.set()
 
     def close(self) -> None:
-        self.released.set()
-        self._listener.close()
+        self.drop_held()
+        _close(self._listener)
+
+    def __enter__(self) -> HeldMove:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _accept(self) -> None:
         while True:
@@ -40,7 +50,12 @@ class HeldMove:
                 client, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            server = socket.create_connection(("127.0.0.1", self.upstream_port))
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10)
+                server.settimeout(None)
+            except OSError:
+                _close(client)  # the client sees the connection refused, as without the relay
+                continue
             threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
             threading.Thread(target=self._commands, args=(client, server), daemon=True).start()
 
@@ -52,20 +67,30 @@ class HeldMove:
         except OSError:
             pass
         finally:
-            for s in (source, sink):
-                s.close()
+            _close(source)
+            _close(sink)
 
     def _commands(self, client: socket.socket, server: socket.socket) -> None:
         """The client's side line by line (every IMAP command ends with CRLF), a MOVE held back."""
-        reader = client.makefile("rb")
         try:
-            while line := reader.readline():
-                if _MOVE.match(line) and not self.released.is_set():
-                    self.holding.set()
-                    self.released.wait()
-                server.sendall(line)
-        except OSError:
-            pass
+            with client.makefile("rb") as reader:
+                while line := reader.readline():
+                    if _MOVE.match(line) and not self._released.is_set():
+                        self._held.append((client, server))
+                        self.holding.set()
+                        self._released.wait()
+                        if server.fileno() == -1:
+                            return  # dropped: the command is never sent
+                    server.sendall(line)
+        except (OSError, ValueError):
+            pass  # a socket closed under the reader
         finally:
-            for s in (client, server):
-                s.close()
+            _close(client)
+            _close(server)
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.close()
+    except OSError:
+        pass

@@ -128,8 +128,13 @@ def test_a_mail_the_store_refuses_goes_to_the_failed_folder_and_the_rest_of_its_
                           "EXECUTE FUNCTION refuse_marked()"))
     processor = _processor(config, store, redis_client)
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
-        result = fetch_once(config.mailbox("support"), config, store, redis_client, processing_sink(processor))
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
+            result = fetch_once(config.mailbox("support"), config, store, redis_client, processing_sink(processor))
+    finally:  # the test database outlives the test: later tests must not meet the trigger
+        with store.engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER refuse_marked ON journal"))
+            conn.execute(text("DROP FUNCTION refuse_marked()"))
 
     assert (result.journaled, result.finished, result.failed) == (3, 3, 1)
     assert dovecot.message_ids("support", "Failed") == ["<refused@acme.example>"]
