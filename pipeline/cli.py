@@ -222,6 +222,7 @@ def import_(mailbox: str, as_json: bool, paths: tuple[Path, ...]) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from pipeline.process import Unavailable, by_bytes
     from pipeline.sources.files import iter_backlog, mail_date
     from pipeline.tasks.policy import PROCESS_BATCH
 
@@ -236,16 +237,25 @@ def import_(mailbox: str, as_json: bool, paths: tuple[Path, ...]) -> None:
         task = progress.add_task("import", total=len(items))
         # In batches, as a fetch and a process task take mail: one journal commit and one
         # processing transaction per batch instead of two per mail (bench/import_backlog.py).
-        for start in range(0, len(items), PROCESS_BATCH):
-            chunk = [(raw, ref, mail_date(raw)) for ref, raw in
-                     ((ref, load()) for ref, load in items[start:start + PROCESS_BATCH])]
-            for result in proc.ingest_many(mailbox, chunk):
-                counts[result.outcome] += 1
-                if as_json:
-                    _emit(result.as_json())
-            progress.advance(task, len(chunk))
-    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing to import"
-    console.print(f"imported {len(items)} mail(s): {summary}")
+        # Loaded as they are needed, and never more than one batch transaction's worth of bytes.
+        loaded = ((raw, ref, mail_date(raw)) for ref, raw in ((ref, load()) for ref, load in items))
+        try:
+            for chunk in by_bytes(loaded, lambda mail: len(mail[0]), count=PROCESS_BATCH):
+                for result in proc.ingest_many(mailbox, chunk):
+                    counts[result.outcome] += 1
+                    if as_json:
+                        _emit(result.as_json())
+                progress.advance(task, len(chunk))
+        except Unavailable as exc:
+            done = sum(counts.values())
+            raise Unavailable(f"{exc} — {done} of {len(items)} mail(s) imported before it ({_summary(counts)}); "
+                              "run the same import again to finish: what is done comes out already_processed, "
+                              "and a worker's reconcile processes what was journaled meanwhile") from None
+    console.print(f"imported {len(items)} mail(s): {_summary(counts)}")
+
+
+def _summary(counts: Counter[str]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing to import"
 
 
 @main.command()

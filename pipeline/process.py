@@ -20,7 +20,8 @@ import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Sequence
+from collections.abc import Callable, Iterable, Iterator
+from typing import Sequence, TypeVar
 
 import redis
 from sqlalchemy import bindparam, func, insert, select, update
@@ -50,6 +51,26 @@ log = logging.getLogger("pipeline.process")
 # Raw mail per batch transaction, at most (a single larger mail runs alone): what a worker holds
 # in memory until the batch commits, twice over once the batch has parsed all its mails ahead.
 BATCH_BYTES = 16 * 2**20
+
+T = TypeVar("T")
+
+
+def by_bytes(items: Iterable[T], size: Callable[[T], int], limit: int = BATCH_BYTES,
+             count: int | None = None) -> Iterator[list[T]]:
+    """Consecutive runs of `items` of at most `limit` bytes (and `count` items) together; a run
+    has one item at least. Lazy: a run is handed on before the next item is taken."""
+    run: list[T] = []
+    held = 0
+    for item in items:
+        n = size(item)
+        if run and (held + n > limit or (count is not None and len(run) >= count)):
+            yield run
+            run, held = [], 0
+        run.append(item)
+        held += n
+    if run:
+        yield run
+
 
 # A pool with no connection free in time (the counters pool under a thread pool) is the database
 # being busy, not the mail's fault: retried like a dropped connection.
@@ -196,16 +217,7 @@ class MailProcessor:
         except TRANSIENT as exc:
             raise Unavailable(f"mail #{journal_ids[0]} and others stay journaled for a retry: "
                               f"{_one_line(exc)}") from None
-        groups: list[list[int]] = [[]]
-        held = 0
-        for journal_id in journal_ids:
-            size = sizes.get(journal_id) or 0
-            if groups[-1] and held + size > self.batch_bytes:
-                groups.append([])
-                held = 0
-            groups[-1].append(journal_id)
-            held += size
-        return groups
+        return list(by_bytes(journal_ids, lambda i: sizes.get(i) or 0, self.batch_bytes))
 
     def _alone(self, journal_id: int) -> Result:
         """One mail in its own transaction, waiting for locks; a write conflict is retried twice."""

@@ -8,6 +8,8 @@ import re
 import socket
 from datetime import datetime
 
+import pytest
+
 from tests.conftest import fixture_bytes, make_mail, run_cli
 
 RESULT_KEYS = {"outcome", "entity", "reason", "trace"}
@@ -192,6 +194,44 @@ def test_import_of_a_backlog_larger_than_a_batch_keeps_its_order(config, store, 
     # Each JSON line is its own mail's result, in the folder's order, numbered in that order.
     assert [title_of[r["entity"]["number"]] for r in results] == [f"Issue {i:03d}" for i in range(120)]
     assert [r["entity"]["number"] for r in results] == sorted(title_of)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_an_import_the_database_fails_midway_says_how_far_it_got_and_a_rerun_finishes(config, store, tmp_path) -> None:
+    from sqlalchemy import func, select, text
+
+    from pipeline.store.models import Ticket
+
+    backlog = tmp_path / "backlog"
+    backlog.mkdir()
+    for i in range(60):  # the second batch holds the mail the database fails on
+        body = "FAIL-HERE\n" if i == 55 else f"Mail {i}.\n"
+        (backlog / f"{i:03d}.eml").write_bytes(make_mail(from_=f"user{i}@acme.example", subject=f"Issue {i:03d}",
+                                                         body=body))
+    # A transient failure (serialization_failure, as under load), raised by the server for real.
+    with store.engine.begin() as conn:
+        conn.execute(text("CREATE FUNCTION fail_marked() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                          "IF position('FAIL-HERE'::bytea in NEW.raw) > 0 THEN RAISE EXCEPTION 'could not "
+                          "serialize access' USING ERRCODE = 'serialization_failure'; END IF; RETURN NEW; END $$"))
+        conn.execute(text("CREATE TRIGGER fail_marked BEFORE INSERT ON journal FOR EACH ROW "
+                          "EXECUTE FUNCTION fail_marked()"))
+    try:
+        failed = cli(config, "import", "--mailbox", "support", str(backlog))
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER fail_marked ON journal"))
+            conn.execute(text("DROP FUNCTION fail_marked()"))
+
+    assert failed.returncode == 75
+    error = [line for line in failed.stderr.decode().splitlines() if line.startswith("pipeline: error:")]
+    assert len(error) == 1
+    assert "50 of 60 mail(s) imported before it (50 ticket_created)" in error[0]
+    assert "run the same import again" in error[0]
+    again = cli(config, "import", "--mailbox", "support", str(backlog))
+    assert again.returncode == 0, again.stderr
+    assert "imported 60 mail(s): 50 already_processed, 10 ticket_created" in again.stderr.decode()
+    with store.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Ticket)) == 60
 
 
 def test_directory_load_is_idempotent_for_toml_and_csv(config, store, tmp_path) -> None:

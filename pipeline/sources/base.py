@@ -20,7 +20,7 @@ from redis.exceptions import LockError
 from sqlalchemy import select
 
 from pipeline.config import Config
-from pipeline.process import Unavailable
+from pipeline.process import Unavailable, by_bytes
 from pipeline.status import failing_key, record_fetch_failure
 from pipeline.store.db import Store
 from pipeline.store.models import JournalEntry
@@ -67,6 +67,13 @@ class Sink:
         one mail a commit, so that one mail it refuses does not hold back the others.
         `Unavailable` (the store is down) propagates: nothing of the batch may be let go.
         """
+        done: list[int | Exception] = []
+        # Split where big mails would make one statement too large to send (and to hold).
+        for run in by_bytes(mails, lambda mail: len(mail[0])):
+            done += self._journal_run(mailbox, run)
+        return done
+
+    def _journal_run(self, mailbox: str, mails: Sequence[tuple[bytes, str]]) -> list[int | Exception]:
         if self.journal_many is not None and len(mails) > 1:
             try:
                 return list(self.journal_many(mailbox, mails))

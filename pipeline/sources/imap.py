@@ -184,7 +184,7 @@ def _fetch_batch(client: IMAPClient, box: MailboxConfig, uidvalidity: int, batch
     for uid, outcome in zip(fetched, journaled):
         if isinstance(outcome, Exception):  # one mail the store refuses must not block the others
             log.error("mailbox %s: UID %s could not be journaled: %s: %s", box.name, uid,
-                      type(outcome).__name__, outcome)
+                      type(outcome).__name__, outcome, exc_info=outcome)
             failed[uid] = f"not journaled: {type(outcome).__name__}: {outcome}"
             continue
         ids.append(outcome)

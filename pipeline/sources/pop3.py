@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import poplib
 import ssl
+from collections.abc import Iterator
 
 from pipeline.config import Config, MailboxConfig
-from pipeline.process import Unavailable
+from pipeline.process import Unavailable, by_bytes
 from pipeline.sources.base import (
     PermanentSourceError,
     Sink,
@@ -94,20 +95,15 @@ def _fetch(conn: poplib.POP3, box: MailboxConfig, store: Store, sink: Sink) -> i
     for batch in chunks(listing, source.fetch_batch):
         refs = {int(num): f"pop3:{box.name}:{uidl}" for num, uidl in batch}
         known = known_refs(store, box.name, list(refs.values()))
-        new: dict[int, bytes] = {}
-        for num, ref in refs.items():
-            if ref not in known:
-                if sizes.get(num, 0) > source.max_message_bytes:
-                    log.error("mailbox %s: POP3 mail %s (%s bytes) is over the limit of %s and stays on the server",
-                              box.name, ref, sizes[num], source.max_message_bytes)
+        # Journaled as they arrive, 16 MiB at most at a time: a batch of big mails is never held whole.
+        for run in by_bytes(_retrieve(conn, box, refs, known, sizes, sink), lambda got: len(got[1])):
+            for (num, _), outcome in zip(run, sink.journal_each(box.name, [(raw, refs[num]) for num, raw in run])):
+                if isinstance(outcome, Exception):  # one mail the store refuses must not block the others
+                    log.error("mailbox %s: POP3 mail %s could not be journaled and stays on the server: %s: %s",
+                              box.name, refs[num], type(outcome).__name__, outcome, exc_info=outcome)
                     continue
-                new[num] = b"\r\n".join(conn.retr(num)[1]) + b"\r\n"
-                sink.keepalive()  # a batch of big mails over a slow link can outlast the fetch lock
-        for num, outcome in zip(new, sink.journal_each(box.name, [(raw, refs[num]) for num, raw in new.items()])):
-            if isinstance(outcome, Exception):
-                raise outcome  # nothing of this batch is deleted; the journaled ones are known next time
-            known[refs[num]] = outcome
-            journaled += 1
+                known[refs[num]] = outcome
+                journaled += 1
         ids = []
         for num, ref in refs.items():
             if ref in known:
@@ -116,6 +112,20 @@ def _fetch(conn: poplib.POP3, box: MailboxConfig, store: Store, sink: Sink) -> i
         if ids:
             sink.enqueue(ids)
     return journaled
+
+
+def _retrieve(conn: poplib.POP3, box: MailboxConfig, refs: dict[int, str], known: dict[str, int],
+              sizes: dict[int, int], sink: Sink) -> Iterator[tuple[int, bytes]]:
+    """(message number, raw mail) of the batch's mails not journaled yet and within the size limit."""
+    for num, ref in refs.items():
+        if ref in known:
+            continue
+        if sizes.get(num, 0) > box.source.max_message_bytes:
+            log.error("mailbox %s: POP3 mail %s (%s bytes) is over the limit of %s and stays on the server",
+                      box.name, ref, sizes[num], box.source.max_message_bytes)
+            continue
+        yield num, b"\r\n".join(conn.retr(num)[1]) + b"\r\n"
+        sink.keepalive()  # a batch of big mails over a slow link can outlast the fetch lock
 
 
 def _text(exc: BaseException) -> str:

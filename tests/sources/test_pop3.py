@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import text
 
 from pipeline.process import MailProcessor
 from pipeline.sources import pop3
@@ -74,3 +75,35 @@ def test_a_wrong_pop3_password_is_a_permanent_error_naming_the_user(
     monkeypatch.setenv("MAILLOOP_TEST_SUPPORT_PASSWORD", "not-the-password")
     with pytest.raises(PermanentSourceError, match=r"POP3 127\.0\.0\.1:\d+: login as support refused: .*AUTH"):
         pop3.connect(config.mailbox("support"), config)
+
+
+def test_a_pop3_mail_the_store_refuses_stays_on_the_server_and_the_others_go_on(
+        dovecot: Dovecot, tmp_path: Path, db_url: str, key_prefix: str, store: Store,
+        redis_client: redis.Redis) -> None:
+    config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix, pop3_source(dovecot, fetch_batch=3))
+    mails = _mails(6)
+    mails[1] = make_mail(subject="Refused by the store", message_id="<refused@acme.example>", body="REFUSE-ME\n")
+    dovecot.append("support", mails)
+    # A real refusal: a policy trigger, as a DBA might install one.
+    with store.engine.begin() as conn:
+        conn.execute(text("CREATE FUNCTION refuse_marked() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                          "IF position('REFUSE-ME'::bytea in NEW.raw) > 0 THEN "
+                          "RAISE EXCEPTION 'refused by policy'; END IF; RETURN NEW; END $$"))
+        conn.execute(text("CREATE TRIGGER refuse_marked BEFORE INSERT ON journal FOR EACH ROW "
+                          "EXECUTE FUNCTION refuse_marked()"))
+    sink = processing_sink(MailProcessor(config, store, redis_client))
+    try:
+        first = pop3.fetch_once(config.mailbox("support"), config, store, sink)
+        again = pop3.fetch_once(config.mailbox("support"), config, store, sink)
+    finally:  # the test database outlives the test: later tests must not meet the trigger
+        with store.engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER refuse_marked ON journal"))
+            conn.execute(text("DROP FUNCTION refuse_marked()"))
+
+    assert (first, again) == (5, 0)  # both batches of three went on; the refused mail is tried again, alone
+    assert dovecot.count("support", "INBOX") == 1
+    assert outcomes(store) == {"ticket_created": 5}
+    assert "Refused by the store" not in ticket_titles(store)
+    # Once the store takes it, the next session journals and deletes it.
+    assert pop3.fetch_once(config.mailbox("support"), config, store, sink) == 1
+    assert dovecot.count("support", "INBOX") == 0
