@@ -11,6 +11,7 @@ Two measurements, each with real `celery -A pipeline.worker worker` processes:
    achieved rate and p50/p99 journal-to-written lag.
 
     python bench/fleet.py [--n 2000] [--workers 1 2 4] [--rate 150] [--steady-seconds 20]
+    python bench/fleet.py --source imap --workers 2 --steady-seconds 0   # the burst fetched over IMAP
 
 Needs the local Redis (broker db 14 by default, loop guard) and PostgreSQL.
 """
@@ -18,12 +19,15 @@ Needs the local Redis (broker db 14 by default, loop guard) and PostgreSQL.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -112,10 +116,11 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1000
 
 
-def _fresh(args, workdir: Path, mailbox_extra: str = ""):
+def _fresh(args, workdir: Path, mailbox_extra: str = "", source: dict | None = None):
     """A new PostgreSQL database, configuration and directory; returns (config path, config, store, drop).
 
-    `mailbox_extra`: more keys for the mailbox's table (e.g. its parser stages)."""
+    `mailbox_extra`: more keys for the mailbox's table (e.g. its parser stages); `source`: the
+    mailbox's source table instead of the Maildir under `workdir`."""
     from pipeline.config import load_config
     from pipeline.store.db import Store
     from pipeline.store.directory import load_directory
@@ -127,6 +132,10 @@ def _fresh(args, workdir: Path, mailbox_extra: str = ""):
     config_path = workdir / "mailboxes.toml"
     text = CONFIG.format(db=url, redis=args.redis, prefix=f"mailloop-bench:{uuid.uuid4().hex}:",
                          maildir=maildir, smtp_port=args.smtp_port)
+    if source is not None:
+        maildir_source = text[text.index("[mailbox.source]"):]
+        text = text.replace(maildir_source, "[mailbox.source]\n" + "".join(
+            f"{key} = {json.dumps(value)}\n" for key, value in source.items()))
     address = 'address = "support@acme-helpdesk.example"\n'
     config_path.write_text(text.replace(address, address + mailbox_extra, 1), encoding="utf-8")
     (workdir / "directory.toml").write_text(DIRECTORY, encoding="utf-8")
@@ -155,11 +164,12 @@ def _wait_done(store, total: int, timeout: float) -> None:
 def burst(args, mails: list[bytes], processes: int) -> None:
     from celery import Celery
 
-    with tempfile.TemporaryDirectory(prefix="mailloop-fleet-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mailloop-fleet-") as tmp, _imap_server(args, mails) as source:
         workdir = Path(tmp)
-        config_path, config, store, drop = _fresh(args, workdir)
-        for i, raw in enumerate(mails):
-            (workdir / "maildir" / "new" / f"{1764000000 + i}.M{i}P1.bench").write_bytes(raw)
+        config_path, config, store, drop = _fresh(args, workdir, source=source)
+        if source is None:
+            for i, raw in enumerate(mails):
+                (workdir / "maildir" / "new" / f"{1764000000 + i}.M{i}P1.bench").write_bytes(raw)
         broker = args.broker
         Celery(broker=broker).connection().default_channel.client.flushdb()
         worker = _workers(config_path, broker, processes, workdir / "worker.log")
@@ -175,7 +185,8 @@ def burst(args, mails: list[bytes], processes: int) -> None:
             _stop(worker)
             store.dispose()
             drop()
-    print(f"burst, {processes} worker process(es): {len(mails) / (last - first):7.1f} mails/s   "
+    print(f"burst, {processes} worker process(es){', IMAP' if args.source == 'imap' else ''}: "
+          f"{len(mails) / (last - first):7.1f} mails/s   "
           f"lag p50 {_pct(lags, .5):8.0f} ms  p99 {_pct(lags, .99):8.0f} ms  (the whole backlog waits in line)")
     print(cpu)
 
@@ -225,6 +236,25 @@ def steady(args, mails: list[bytes], processes: int) -> None:
     print(cpu)
 
 
+@contextmanager
+def _imap_server(args, mails: list[bytes]) -> Iterator[dict | None]:
+    """With `--source imap`: a private Dovecot (the suite's tests/sources/dovecot.py) holding the
+    corpus in its INBOX; yields the mailbox's source table (None for the Maildir)."""
+    if args.source != "imap":
+        yield None
+        return
+    from tests.sources.conftest import PASSWORD_ENV, PASSWORDS, imap_source
+    from tests.sources.dovecot import Dovecot
+
+    os.environ[PASSWORD_ENV["support"]] = PASSWORDS["support"]  # the workers inherit it
+    dovecot = Dovecot(PASSWORDS).start()
+    try:
+        dovecot.append("support", mails)
+        yield imap_source(dovecot, idle=False)
+    finally:
+        dovecot.destroy()
+
+
 def smtp_sink(args):
     """Every new ticket sends a notification: a real SMTP server takes them, as in production.
     Sets `args.smtp_port`; returns the running aiosmtpd controller (stop it when done)."""
@@ -246,6 +276,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--corpus", type=Path, default=Path(tempfile.gettempdir()) / "mailloop-bench-corpus")
     ap.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4], help="burst runs (none: only the steady run)")
+    ap.add_argument("--source", choices=["maildir", "imap"], default="maildir",
+                    help="where the burst waits: a Maildir (default), or the INBOX of a private Dovecot "
+                         "(apt-get install dovecot-imapd) fetched over IMAP")
     ap.add_argument("--rate", type=float, default=150.0, help="offered load of the steady run, mails/s")
     ap.add_argument("--steady-seconds", type=float, default=20.0, help="0: no steady run")
     # As the README says to run it: Celery's default, one worker process per core.
