@@ -36,7 +36,7 @@ class Runtime:
             from pipeline.store.db import Store
 
             store = Store(self.config.database_url)
-            if migrate_sqlite and store.dialect == "sqlite":
+            if migrate_sqlite and store.dialect == "sqlite" and not store.at_newest():
                 store.upgrade()  # the embedded default sets itself up; PostgreSQL takes `db upgrade`
             store.check()
             self._store = store
