@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.process import by_bytes
 from pipeline.sources.base import chunks, known_refs
 from pipeline.store.db import Store
 
@@ -38,9 +39,11 @@ def fetch_maildir(path: Path, mailbox: str, store: Store,
         refs = {name: f"maildir:{name}" for name in chunk}
         known = known_refs(store, mailbox, list(refs.values()))
         fresh = [name for name in chunk if refs[name] not in known]
-        if fresh:
-            journaled = journal_many(mailbox, [((path / "new" / name).read_bytes(), refs[name]) for name in fresh])
-            known.update(zip((refs[name] for name in fresh), journaled))
+        # Read as they are journaled, 16 MiB at most a statement: a chunk of big mails is never
+        # one statement over the database's limit, nor held whole.
+        files = (((path / "new" / name).read_bytes(), refs[name]) for name in fresh)
+        for run in by_bytes(files, lambda mail: len(mail[0])):
+            known.update(zip((ref for _, ref in run), journal_many(mailbox, run)))
         # Processing is idempotent: a row journaled before a crash is processed now.
         chunk_ids = [known[refs[name]] for name in chunk]
         for name in chunk:

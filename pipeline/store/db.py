@@ -55,10 +55,10 @@ class Store:
         costs a short command about a third of a second — the MTA pipe's `ingest` runs once a mail."""
         try:
             with self.engine.connect() as conn:
-                current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+                current = list(conn.execute(text("SELECT version_num FROM alembic_version")).scalars())
         except DBAPIError:  # no schema yet, or none this can read: `upgrade` will tell
             return False
-        return current == newest_revision()
+        return current == [newest_revision()]  # one row: several are branches, Alembic's to sort out
 
     def upgrade(self) -> None:
         """Bring the schema to the newest Alembic revision."""

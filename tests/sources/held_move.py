@@ -90,7 +90,10 @@ class HeldMove:
 
 
 def _close(s: socket.socket) -> None:
-    try:
-        s.close()
-    except OSError:
-        pass
+    """Shut down, then close: a close alone from another thread would not wake a thread blocked
+    in recv() or accept() on it, and the server would keep the session."""
+    for end in (lambda: s.shutdown(socket.SHUT_RDWR), s.close):
+        try:
+            end()
+        except OSError:
+            pass

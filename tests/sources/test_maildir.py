@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from pipeline.sources.maildir import CHUNK, ensure_maildir, fetch_maildir
 from pipeline.store.models import JournalEntry
@@ -51,3 +51,25 @@ def test_a_mail_journaled_before_a_crash_is_only_moved_by_the_next_fetch(tmp_pat
     assert ids[0] == first and len(set(ids)) == 3
     assert _journaled(store) == 3  # not journaled twice
     assert sorted(p.name for p in (maildir / "cur").iterdir()) == sorted(f"{n}:2," for n in names)
+
+
+def test_a_chunk_of_big_mails_is_journaled_a_few_at_a_time(tmp_path, processor, store) -> None:
+    # Scans of 7 MiB each: one statement for the chunk would carry 21 MiB; at most 16 MiB go together.
+    maildir = tmp_path / "Maildir"
+    ensure_maildir(maildir)
+    for i in range(3):
+        (maildir / "new" / f"1764000000.M{i:04d}P7.mx01").write_bytes(
+            make_mail(subject=f"Scan {i}", body="x" * (7 * 2**20)))
+    inserts = []
+
+    def heard(conn, cursor, statement, *args) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO JOURNAL"):
+            inserts.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", heard)
+    try:
+        ids = fetch_maildir(maildir, "support", store, processor.journal_many)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", heard)
+    assert len(inserts) == 2 and len(set(ids)) == 3
+    assert _journaled(store) == 3 and len(list((maildir / "cur").iterdir())) == 3

@@ -41,7 +41,9 @@ def test_a_sqlite_store_a_revision_behind_is_upgraded_by_the_next_command(db_url
     config = tmp_path / "mailboxes.toml"
     config.write_text(config_text(db_url, key_prefix), encoding="utf-8")
 
-    Runtime(config).store()
+    runtime = Runtime(config)
+    runtime.store()
+    runtime.close()
 
     assert _version(store) == newest_revision() and store.at_newest()
     store.dispose()
