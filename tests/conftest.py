@@ -12,11 +12,13 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 
 from pipeline.config import Config, parse_config
 from pipeline.process import MailProcessor
@@ -223,3 +225,40 @@ def make_mail(from_: str = "Jane Doe <jane@acme.example>", subject: str = "Print
     if top_headers:
         raw = "".join(line + "\n" for line in top_headers).encode() + raw
     return raw
+
+
+@contextmanager
+def journal_inserts(store: Store) -> Iterator[list[str]]:
+    """The INSERT statements into the journal that `store`'s engine sends meanwhile: how many
+    statements (not rows) a batch took."""
+    heard: list[str] = []
+
+    def listener(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("INSERT INTO JOURNAL"):
+            heard.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", listener)
+    try:
+        yield heard
+    finally:
+        event.remove(store.engine, "before_cursor_execute", listener)
+
+
+@contextmanager
+def journal_refusing(store: Store, marker: str, errcode: str = "raise_exception") -> Iterator[None]:
+    """A PostgreSQL trigger that fails the insert of any journal row whose raw mail holds `marker`
+    — a real refusal by the server (`errcode`: the SQLSTATE condition, e.g. serialization_failure
+    for a transient one). Dropped afterwards: the test database outlives the test."""
+    with store.engine.begin() as conn:
+        conn.execute(text("CREATE FUNCTION refuse_marked() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                          f"IF position('{marker}'::bytea in NEW.raw) > 0 THEN "
+                          f"RAISE EXCEPTION 'refused by policy' USING ERRCODE = '{errcode}'; END IF; "
+                          "RETURN NEW; END $$"))
+        conn.execute(text("CREATE TRIGGER refuse_marked BEFORE INSERT ON journal FOR EACH ROW "
+                          "EXECUTE FUNCTION refuse_marked()"))
+    try:
+        yield
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER refuse_marked ON journal"))
+            conn.execute(text("DROP FUNCTION refuse_marked()"))

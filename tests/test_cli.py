@@ -10,7 +10,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.conftest import fixture_bytes, make_mail, run_cli
+from tests.conftest import fixture_bytes, journal_refusing, make_mail, run_cli
 
 RESULT_KEYS = {"outcome", "entity", "reason", "trace"}
 
@@ -198,7 +198,7 @@ def test_import_of_a_backlog_larger_than_a_batch_keeps_its_order(config, store, 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_an_import_the_database_fails_midway_says_how_far_it_got_and_a_rerun_finishes(config, store, tmp_path) -> None:
-    from sqlalchemy import func, select, text
+    from sqlalchemy import func, select
 
     from pipeline.store.models import Ticket
 
@@ -209,18 +209,8 @@ def test_an_import_the_database_fails_midway_says_how_far_it_got_and_a_rerun_fin
         (backlog / f"{i:03d}.eml").write_bytes(make_mail(from_=f"user{i}@acme.example", subject=f"Issue {i:03d}",
                                                          body=body))
     # A transient failure (serialization_failure, as under load), raised by the server for real.
-    with store.engine.begin() as conn:
-        conn.execute(text("CREATE FUNCTION fail_marked() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                          "IF position('FAIL-HERE'::bytea in NEW.raw) > 0 THEN RAISE EXCEPTION 'could not "
-                          "serialize access' USING ERRCODE = 'serialization_failure'; END IF; RETURN NEW; END $$"))
-        conn.execute(text("CREATE TRIGGER fail_marked BEFORE INSERT ON journal FOR EACH ROW "
-                          "EXECUTE FUNCTION fail_marked()"))
-    try:
+    with journal_refusing(store, "FAIL-HERE", errcode="serialization_failure"):
         failed = cli(config, "import", "--mailbox", "support", str(backlog))
-    finally:
-        with store.engine.begin() as conn:
-            conn.execute(text("DROP TRIGGER fail_marked ON journal"))
-            conn.execute(text("DROP FUNCTION fail_marked()"))
 
     assert failed.returncode == 75
     error = [line for line in failed.stderr.decode().splitlines() if line.startswith("pipeline: error:")]

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import redis
 from imapclient.exceptions import IMAPClientError
-from sqlalchemy import event, text
 
 from pipeline.process import MailProcessor
 from pipeline.sources.base import PermanentSourceError, Sink
@@ -20,7 +19,7 @@ from pipeline.sources.idle import IdleFetcher
 from pipeline.sources.imap import ImapState, connect, fetch_once, fetch_pass, logout
 from pipeline.status import last_fetch_key
 from pipeline.store.db import Store
-from tests.conftest import make_mail
+from tests.conftest import journal_inserts, journal_refusing, make_mail
 from tests.services import wait_until
 from tests.sources.conftest import (
     TOKEN,
@@ -94,19 +93,10 @@ def test_a_fetched_batch_is_journaled_in_one_statement(
         redis_client: redis.Redis) -> None:
     config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix, imap_source(dovecot))
     dovecot.append("support", _mails(12))
-    inserts = []
-
-    def heard(conn, cursor, statement, *args) -> None:
-        if statement.lstrip().upper().startswith("INSERT INTO JOURNAL"):
-            inserts.append(statement)
-
     processor = _processor(config, store, redis_client)
-    event.listen(store.engine, "before_cursor_execute", heard)
-    try:
+    with journal_inserts(store) as inserts:
         result = fetch_once(config.mailbox("support"), config, store, redis_client,
                             Sink(processor.journal, lambda ids: None, journal_many=processor.journal_many))
-    finally:
-        event.remove(store.engine, "before_cursor_execute", heard)
     assert (result.journaled, result.finished) == (12, 12)
     assert len(inserts) == 1  # one commit for the batch, not one per mail
     assert [ref.rsplit(":", 1)[1] for ref, _ in journal_rows(store)] == [str(uid) for uid in range(1, 13)]
@@ -119,22 +109,11 @@ def test_a_mail_the_store_refuses_goes_to_the_failed_folder_and_the_rest_of_its_
     mails = _mails(4)
     mails[1] = make_mail(subject="Refused by the store", message_id="<refused@acme.example>", body="REFUSE-ME\n")
     dovecot.append("support", mails)
-    # A real refusal: a policy trigger, as a DBA might install one.
-    with store.engine.begin() as conn:
-        conn.execute(text("CREATE FUNCTION refuse_marked() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                          "IF position('REFUSE-ME'::bytea in NEW.raw) > 0 THEN "
-                          "RAISE EXCEPTION 'refused by policy'; END IF; RETURN NEW; END $$"))
-        conn.execute(text("CREATE TRIGGER refuse_marked BEFORE INSERT ON journal FOR EACH ROW "
-                          "EXECUTE FUNCTION refuse_marked()"))
     processor = _processor(config, store, redis_client)
 
-    try:
-        with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
-            result = fetch_once(config.mailbox("support"), config, store, redis_client, processing_sink(processor))
-    finally:  # the test database outlives the test: later tests must not meet the trigger
-        with store.engine.begin() as conn:
-            conn.execute(text("DROP TRIGGER refuse_marked ON journal"))
-            conn.execute(text("DROP FUNCTION refuse_marked()"))
+    # A real refusal: a policy trigger, as a DBA might install one.
+    with journal_refusing(store, "REFUSE-ME"), caplog.at_level(logging.WARNING, logger="pipeline.sources"):
+        result = fetch_once(config.mailbox("support"), config, store, redis_client, processing_sink(processor))
 
     assert (result.journaled, result.finished, result.failed) == (3, 3, 1)
     assert dovecot.message_ids("support", "Failed") == ["<refused@acme.example>"]

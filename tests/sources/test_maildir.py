@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 
 from pipeline.sources.maildir import CHUNK, ensure_maildir, fetch_maildir
 from pipeline.store.models import JournalEntry
-from tests.conftest import make_mail
+from tests.conftest import journal_inserts, make_mail
 
 
 def _drop(maildir: Path, count: int) -> list[str]:
@@ -60,16 +60,7 @@ def test_a_chunk_of_big_mails_is_journaled_a_few_at_a_time(tmp_path, processor, 
     for i in range(3):
         (maildir / "new" / f"1764000000.M{i:04d}P7.mx01").write_bytes(
             make_mail(subject=f"Scan {i}", body="x" * (7 * 2**20)))
-    inserts = []
-
-    def heard(conn, cursor, statement, *args) -> None:
-        if statement.lstrip().upper().startswith("INSERT INTO JOURNAL"):
-            inserts.append(statement)
-
-    event.listen(store.engine, "before_cursor_execute", heard)
-    try:
+    with journal_inserts(store) as inserts:
         ids = fetch_maildir(maildir, "support", store, processor.journal_many)
-    finally:
-        event.remove(store.engine, "before_cursor_execute", heard)
     assert len(inserts) == 2 and len(set(ids)) == 3
     assert _journaled(store) == 3 and len(list((maildir / "cur").iterdir())) == 3

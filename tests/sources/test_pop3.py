@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import text
 
 from pipeline.process import MailProcessor
 from pipeline.sources import pop3
 from pipeline.sources.base import PermanentSourceError
 from pipeline.store.db import Store
-from tests.conftest import make_mail
+from tests.conftest import journal_refusing, make_mail
 from tests.sources.conftest import (
     journal_rows,
     outcomes,
@@ -84,21 +83,10 @@ def test_a_pop3_mail_the_store_refuses_stays_on_the_server_and_the_others_go_on(
     mails = _mails(6)
     mails[1] = make_mail(subject="Refused by the store", message_id="<refused@acme.example>", body="REFUSE-ME\n")
     dovecot.append("support", mails)
-    # A real refusal: a policy trigger, as a DBA might install one.
-    with store.engine.begin() as conn:
-        conn.execute(text("CREATE FUNCTION refuse_marked() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                          "IF position('REFUSE-ME'::bytea in NEW.raw) > 0 THEN "
-                          "RAISE EXCEPTION 'refused by policy'; END IF; RETURN NEW; END $$"))
-        conn.execute(text("CREATE TRIGGER refuse_marked BEFORE INSERT ON journal FOR EACH ROW "
-                          "EXECUTE FUNCTION refuse_marked()"))
     sink = processing_sink(MailProcessor(config, store, redis_client))
-    try:
+    with journal_refusing(store, "REFUSE-ME"):  # a real refusal: a policy trigger, as a DBA might install one
         first = pop3.fetch_once(config.mailbox("support"), config, store, sink)
         again = pop3.fetch_once(config.mailbox("support"), config, store, sink)
-    finally:  # the test database outlives the test: later tests must not meet the trigger
-        with store.engine.begin() as conn:
-            conn.execute(text("DROP TRIGGER refuse_marked ON journal"))
-            conn.execute(text("DROP FUNCTION refuse_marked()"))
 
     assert (first, again) == (5, 0)  # both batches of three went on; the refused mail is tried again, alone
     assert dovecot.count("support", "INBOX") == 1

@@ -4,14 +4,10 @@ set apart without holding back the others."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from sqlalchemy import event
-
 from pipeline.process import MailProcessor, by_bytes
 from pipeline.sources.base import Sink
 from pipeline.store.db import Store
-from tests.conftest import make_mail
+from tests.conftest import journal_inserts, make_mail
 
 
 def test_runs_hold_at_most_the_limit_and_a_bigger_item_runs_alone() -> None:
@@ -34,28 +30,17 @@ def test_runs_are_handed_on_before_the_next_item_is_taken() -> None:
     assert next(runs) == [2, 3] and taken == [0, 1, 2, 3, 4]
 
 
-def _journal_inserts(store: Store, journal: Callable[[], object]) -> tuple[object, int]:
-    heard = []
-
-    def listener(conn, cursor, statement, *args) -> None:
-        if statement.lstrip().upper().startswith("INSERT INTO JOURNAL"):
-            heard.append(statement)
-
-    event.listen(store.engine, "before_cursor_execute", listener)
-    try:
-        return journal(), len(heard)
-    finally:
-        event.remove(store.engine, "before_cursor_execute", listener)
-
-
 def test_a_batch_of_big_mails_is_journaled_a_few_at_a_time(processor: MailProcessor, store: Store) -> None:
     # Scans of 7 MiB each: three would be 21 MiB in one statement; at most 16 MiB go together.
     mails = [(make_mail(subject=f"Scan {i}", body="x" * (7 * 2**20)), f"imap:support:1:{i}") for i in range(3)]
     sink = Sink(processor.journal, lambda ids: None, journal_many=processor.journal_many)
 
-    ids, inserts = _journal_inserts(store, lambda: sink.journal_each("support", mails))
+    with journal_inserts(store) as inserts:
+        ids = sink.journal_each("support", mails)
 
-    assert inserts == 2
+    assert len(inserts) == 2
     assert len(set(ids)) == 3 and all(isinstance(i, int) for i in ids)
     small = [(make_mail(subject=f"Note {i}"), f"imap:support:1:{10 + i}") for i in range(5)]
-    assert _journal_inserts(store, lambda: sink.journal_each("support", small))[1] == 1
+    with journal_inserts(store) as inserts:
+        sink.journal_each("support", small)
+    assert len(inserts) == 1
