@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import portpicker
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -37,12 +38,6 @@ Controller(Sink(), hostname="127.0.0.1", port=int(sys.argv[1])).start()
 print("ready", flush=True)
 time.sleep(3600)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class _CpuOf:
@@ -74,7 +69,7 @@ def main() -> None:
     ap.add_argument("--pg-admin", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     args = ap.parse_args()
 
-    port = _free_port()
+    port = portpicker.pick_unused_port()
     sink = subprocess.Popen([sys.executable, "-c", SINK, str(port)], stdout=subprocess.PIPE, text=True)
     drop = None
     try:

@@ -21,11 +21,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+import portpicker
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, and never one this test run has handed out before.
+
+    Binding port 0 and closing it can give the same port twice in a row: a Dovecot given
+    four such ports once refused to start with "duplicate listener". portpicker remembers
+    what it has handed out in this process, and checks the port is free on TCP and UDP.
+    """
+    return portpicker.pick_unused_port()
 
 
 class PrivateRedis:

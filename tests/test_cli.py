@@ -5,24 +5,18 @@ from __future__ import annotations
 import json
 import mailbox
 import re
-import socket
 from datetime import datetime
 
 import pytest
 
 from tests.conftest import fixture_bytes, journal_refusing, make_mail, run_cli
+from tests.services import free_port
 
 RESULT_KEYS = {"outcome", "entity", "reason", "trace"}
 
 
 def cli(config, *args, **kw):
     return run_cli("--config", str(config.path), *args, **kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ingest_json_from_stdin_prints_exactly_one_line(config, store) -> None:
