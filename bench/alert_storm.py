@@ -14,7 +14,6 @@ tickets.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from bench.fleet import _fresh, _lags, _pct, _stop, _wait_done, _workers, smtp_sink  # noqa: E402
+from bench.pipeline import PG_ADMIN_URL, REDIS_URL  # noqa: E402
 
 MONITORS = ["Disk Usage Monitor", "CPU Monitor", "Memory Monitor", "Service Monitor - Spooler",
             "Event Log Monitor", "Patch Monitor", "Antivirus Monitor", "Online Status Monitor"]
@@ -78,9 +78,9 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=20)
     ap.add_argument("--types", type=int, default=5, choices=range(1, len(MONITORS) + 1))
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--redis", default=REDIS_URL)
     ap.add_argument("--broker", default="redis://127.0.0.1:6379/14", help="flushed before the run")
-    ap.add_argument("--pg-admin", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    ap.add_argument("--pg-admin", default=PG_ADMIN_URL)
     args = ap.parse_args()
 
     from celery import Celery

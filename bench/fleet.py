@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from bench.pipeline import CONFIG as PIPELINE_CONFIG  # noqa: E402
-from bench.pipeline import DIRECTORY, _pg_database, corpus  # noqa: E402
+from bench.pipeline import CORPUS_DIR, DIRECTORY, PG_ADMIN_URL, REDIS_URL, _pg_database, corpus  # noqa: E402
 from pipeline.tasks.policy import COALESCE_SECONDS  # noqa: E402
 
 # The in-process benchmark's configuration, with the Maildir the burst is dropped into.
@@ -274,7 +274,7 @@ def smtp_sink(args):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--corpus", type=Path, default=Path(tempfile.gettempdir()) / "mailloop-bench-corpus")
+    ap.add_argument("--corpus", type=Path, default=CORPUS_DIR)
     ap.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4], help="burst runs (none: only the steady run)")
     ap.add_argument("--source", choices=["maildir", "imap"], default="maildir",
                     help="where the burst waits: a Maildir (default), or the INBOX of a private Dovecot "
@@ -286,9 +286,9 @@ def main() -> None:
                     help="worker processes of the steady run (default: one per core, Celery's default)")
     ap.add_argument("--coalesce", type=float, default=COALESCE_SECONDS,
                     help=f"how long the steady feeder's ids wait for company (default {COALESCE_SECONDS} s, as the intake)")
-    ap.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--redis", default=REDIS_URL)
     ap.add_argument("--broker", default="redis://127.0.0.1:6379/14", help="flushed before each run")
-    ap.add_argument("--pg-admin", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    ap.add_argument("--pg-admin", default=PG_ADMIN_URL)
     args = ap.parse_args()
 
     mails = corpus(args.n, args.corpus / str(args.n))

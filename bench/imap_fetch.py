@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -70,11 +69,8 @@ def fetch_run(mails: list[bytes], db: str, args, per_batch: bool) -> tuple[int, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1000, help="mails in the INBOX (default 1000)")
-    ap.add_argument("--corpus", type=Path, default=Path(tempfile.gettempdir()) / "mailloop-bench-corpus")
-    ap.add_argument("--db", choices=["sqlite", "postgresql"], default="postgresql")
+    bench_pipeline.add_run_options(ap, both=False)
     ap.add_argument("--rounds", type=int, default=2, help="alternating pairs of runs (default 2)")
-    ap.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    ap.add_argument("--pg-admin", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     args = ap.parse_args()
 
     size = max(args.n, 2000)

@@ -18,7 +18,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -65,10 +64,7 @@ def run_import(mails: list[bytes], db_url: str, redis_url: str, workdir: Path) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000, help="mails in the backlog (default 2000)")
-    ap.add_argument("--corpus", type=Path, default=Path(tempfile.gettempdir()) / "mailloop-bench-corpus")
-    ap.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
-    ap.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    ap.add_argument("--pg-admin", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    bench_pipeline.add_run_options(ap, both=True)
     args = ap.parse_args()
 
     mails = bench_pipeline.corpus(args.n, args.corpus / str(args.n))

@@ -15,11 +15,9 @@ tree and the SMTP dialogue) and the sent mark written after each send.
 from __future__ import annotations
 
 import argparse
-import os
 import smtplib
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -62,31 +60,22 @@ class _CpuOf:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1000, help="notifications (one per corpus mail; default 1000)")
-    ap.add_argument("--corpus", type=Path, default=Path(tempfile.gettempdir()) / "mailloop-bench-corpus")
-    ap.add_argument("--db", choices=["sqlite", "postgresql"], default="postgresql")
+    bench_pipeline.add_run_options(ap, both=False)
     ap.add_argument("--batch", type=int, default=50, help="notifications per deliver() call (default 50)")
-    ap.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    ap.add_argument("--pg-admin", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     args = ap.parse_args()
 
     port = portpicker.pick_unused_port()
     sink = subprocess.Popen([sys.executable, "-c", SINK, str(port)], stdout=subprocess.PIPE, text=True)
-    drop = None
     try:
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
         mails = bench_pipeline.corpus(max(args.n, 2000), args.corpus / str(max(args.n, 2000)))[:args.n]
-        with tempfile.TemporaryDirectory(prefix="mailloop-bench-") as tmp:
-            url = f"sqlite:///{tmp}/bench.db"
-            if args.db == "postgresql":
-                url, drop = bench_pipeline._pg_database(args.pg_admin)
+        with bench_pipeline.scratch_database(args.db, args.pg_admin) as (url, workdir):
             bench_pipeline.CONFIG = bench_pipeline.CONFIG.replace(
                 "[[mailbox]]", f'[smtp]\nhost = "127.0.0.1"\nport = {port}\n\n[[mailbox]]', 1)
-            bench_pipeline.pipeline_run(mails, url, args.redis, Path(tmp), False, 50)
-            report(args, Path(tmp) / "mailboxes.toml")
+            bench_pipeline.pipeline_run(mails, url, args.redis, workdir, False, 50)
+            report(args, workdir / "mailboxes.toml")
     finally:
         sink.kill()
-        if drop:
-            drop()
 
 
 def report(args, config_path: Path) -> None:

@@ -34,6 +34,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+# Where every bench finds its corpus and services unless told otherwise (`add_run_options`).
+CORPUS_DIR = Path(tempfile.gettempdir()) / "mailloop-bench-corpus"
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
 CONFIG = """
 [database]
 url = "{db}"
@@ -257,13 +262,21 @@ def scratch_database(db: str, admin_url: str) -> Iterator[tuple[str, Path]]:
             drop()
 
 
+def add_run_options(ap: argparse.ArgumentParser, *, both: bool) -> None:
+    """--corpus, --db, --redis and --pg-admin, as the benches that run the pipeline on the corpus
+    take them. `both`: --db may be "both" (SQLite, then PostgreSQL) and is by default; without it,
+    PostgreSQL is the default."""
+    ap.add_argument("--corpus", type=Path, default=CORPUS_DIR, help="where generated corpora are kept")
+    ap.add_argument("--db", choices=["sqlite", "postgresql", "both"] if both else ["sqlite", "postgresql"],
+                    default="both" if both else "postgresql")
+    ap.add_argument("--redis", default=REDIS_URL, help="the loop guard's Redis (default: $REDIS_URL or the local one)")
+    ap.add_argument("--pg-admin", default=PG_ADMIN_URL, help="a PostgreSQL to create scratch databases in")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000, help="mails in the corpus (default 2000)")
-    ap.add_argument("--corpus", type=Path, default=Path(tempfile.gettempdir()) / "mailloop-bench-corpus")
-    ap.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
-    ap.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    ap.add_argument("--pg-admin", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    add_run_options(ap, both=True)
     ap.add_argument("--profile", action="store_true", help="profile the pipeline run with pyinstrument")
     ap.add_argument("--stages", action="store_true",
                     help="also print the time per mail in each stage (from the mailloop_stage_seconds histogram) "
