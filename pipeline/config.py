@@ -7,8 +7,10 @@ traceback — by `ConfigError`, whose `str()` is that one line.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import string
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -73,16 +75,85 @@ class NumberingSettings(_Model):
     @field_validator("ticket", "task", "project")
     @classmethod
     def _formats(cls, value: str) -> str:
-        if "{seq" not in value:
-            raise ValueError("a format containing {seq}, e.g. 'T{date:%Y%m%d}.{seq:04d}'")
+        problem = number_format_problem(value)
+        if problem:
+            raise ValueError("a number format of text, {date:<strftime>} and {seq[:0Nd]} such as "
+                             f"'T{{date:%Y%m%d}}.{{seq:04d}}', got {value!r}: {problem}")
         return value
 
     @field_validator("ticket_tag")
     @classmethod
     def _tag(cls, value: str) -> str:
-        if "{number}" not in value:
-            raise ValueError("a tag containing {number}, e.g. '[Ticket#{number}]'")
+        problem = tag_format_problem(value)
+        if problem:
+            raise ValueError(f"a tag of text and {{number}} such as '[Ticket#{{number}}]', got {value!r}: {problem}")
         return value
+
+
+# The strftime directives a number's date may use, with what each writes: digits that
+# pipeline/parsers/references.py can find again in a subject.
+DATE_DIRECTIVES = {"%Y": r"\d{4}", "%y": r"\d{2}", "%m": r"\d{2}", "%d": r"\d{2}", "%j": r"\d{3}",
+                   "%H": r"\d{2}", "%%": "%"}
+_SEQ_SPEC = re.compile(r"(0\d{1,2})?d?")
+
+
+def number_format_problem(fmt: str) -> str | None:
+    """Why `fmt` is no usable ticket, task or project number format, or None.
+
+    Only `{date:<strftime>}` and `{seq[:0Nd]}` are fields: str.format would otherwise reach
+    attributes and items of the values (`{date.__class__...}`), and any other spec could write
+    a number the extractor never finds again. The sequence restarts every day (D3), so the
+    date must name the day, or numbers would repeat.
+    """
+    fields = _fields(fmt)
+    if isinstance(fields, str):
+        return fields
+    names = [name for name, _ in fields]
+    if names.count("seq") != 1 or names.count("date") > 1 or set(names) - {"seq", "date"}:
+        return "it needs one {seq}, one {date:...} and no other field"
+    for name, spec in fields:
+        if name == "seq" and not _SEQ_SPEC.fullmatch(spec):
+            return f"{{seq:{spec}}} is no zero-padded width such as {{seq:04d}}"
+        if name == "date":
+            tokens = re.findall(r"%.|[^%]+", spec)
+            unknown = [t for t in tokens if t.startswith("%") and t not in DATE_DIRECTIVES]
+            if unknown:
+                return f"{unknown[0]} writes no digits (use {', '.join(list(DATE_DIRECTIVES)[:-1])})"
+            if not ({"%Y", "%y"} & set(tokens) and ("%j" in tokens or {"%m", "%d"} <= set(tokens))):
+                return "the date must name the day (%Y%m%d or %Y%j): the sequence restarts daily"
+    if "date" not in names:
+        return "the date must name the day (%Y%m%d or %Y%j): the sequence restarts daily"
+    return None
+
+
+def tag_format_problem(fmt: str) -> str | None:
+    """Why `fmt` is no usable subject tag, or None: `{number}` once, nothing else."""
+    fields = _fields(fmt)
+    if isinstance(fields, str):
+        return fields
+    if fields != [("number", "")]:
+        return "it needs one {number} and no other field or format spec"
+    return None
+
+
+def _fields(fmt: str) -> list[tuple[str, str]] | str:
+    """The (name, spec) of each replacement field in `fmt`, or why it cannot be one of ours."""
+    try:
+        parsed = list(string.Formatter().parse(fmt))
+    except ValueError as exc:
+        return f"not a valid format ({exc})"
+    fields = []
+    for literal, name, spec, conversion in parsed:
+        if "{" in literal or "}" in literal:
+            return "braces are only for fields"
+        if name is None:
+            continue
+        if not re.fullmatch(r"[a-z]+", name):
+            return f"{{{name}}} is not a field name (no attribute, index or position)"
+        if conversion or "{" in (spec or ""):
+            return f"{{{name}}} takes no conversion (!r, !s) and no nested field"
+        fields.append((name, spec or ""))
+    return fields
 
 
 class DirectorySettings(_Model):
@@ -133,7 +204,21 @@ class TrustPolicy(_Model):
     # the ARC chain) and the newest ARC set is sealed by that forwarder's own domain;
     # `require` then applies to what the forwarder saw. Empty: ARC is not used.
     arc_authserv_ids: list[str] = []
+    # The SMTP/LMTP intake believes an Authentication-Results that came with a mail only from
+    # these peers (IP addresses or CIDR ranges of our own MX); from any other peer it believes
+    # none, since anyone who can connect could have written one.
+    intake_relays: list[str] = []
 
+    @field_validator("intake_relays")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"IP addresses or CIDR ranges such as '192.0.2.25' or '10.0.0.0/24', "
+                                 f"got {entry!r}") from None
+        return value
 
 
 class MailboxConfig(_Model):
@@ -332,7 +417,7 @@ def _expected(err: dict[str, Any]) -> str:
     if kind.startswith("literal"):
         return f"expected {msg.removeprefix('Input should be ')}, got {got!r}"
     if kind in ("int_parsing", "int_type", "bool_type", "bool_parsing", "string_type", "list_type",
-                "model_type", "dict_type", "greater_than_equal", "too_short"):
+                "model_type", "dict_type", "greater_than_equal", "greater_than", "too_short"):
         return f"{msg.lower()}, got {got!r}"
     return f"expected {msg}"
 

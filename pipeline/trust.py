@@ -10,6 +10,7 @@ never reached.)
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ class MethodResult:
 class AuthResults:
     authserv_id: str
     results: list[MethodResult]
+    why_none: str = ""  # the comment on a `none` verdict, e.g. our intake's reason for it
 
 
 _RESINFO = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=\s*([A-Za-z0-9_-]+)(.*)$", re.DOTALL)
@@ -44,6 +46,9 @@ def parse_authentication_results(value: str) -> AuthResults | None:
         return None
     authserv_id = parts[0].split()[0].lower()  # an optional version number may follow
     results = []
+    if len(parts) == 2 and parts[1].lower() == "none":
+        comment = re.search(r";\s*none\s*\(([^()]*)\)", value, re.IGNORECASE)
+        return AuthResults(authserv_id, [], comment.group(1).strip() if comment else "")
     for part in parts[1:]:
         m = _RESINFO.match(part)
         if not m or m.group(1).lower() == "none":
@@ -87,6 +92,19 @@ def _received_inside(value: str, trusted: set[str]) -> bool:
     return host in trusted
 
 
+def is_intake_relay(address: str | None, policy: TrustPolicy) -> bool:
+    """Is `address`, the peer that handed a mail to our SMTP/LMTP intake, one of the policy's relays?"""
+    if not address or not policy.intake_relays:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # a link-local scope is no part of it
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:  # a dual-stack socket's IPv4 peer
+        ip = ip.ipv4_mapped
+    return any(ip in ipaddress.ip_network(relay, strict=False) for relay in policy.intake_relays)
+
+
 def evaluate(headers: list[tuple[str, str]], from_address: str, policy: TrustPolicy) -> TrustVerdict:
     """Did this mail pass the mailbox's trust policy?"""
     if not policy.authserv_ids:
@@ -120,7 +138,9 @@ def _meets(ar: AuthResults, domain: str, require: str) -> tuple[bool, str]:
 
 
 def _seen(ar: AuthResults) -> str:
-    return ", ".join(f"{r.method}={r.result}" for r in ar.results) or "no results"
+    if not ar.results:
+        return f"none ({ar.why_none})" if ar.why_none else "no results"
+    return ", ".join(f"{r.method}={r.result}" for r in ar.results)
 
 
 # -- ARC (RFC 8617): mail forwarded to us by Microsoft 365 or Google ------------------------------

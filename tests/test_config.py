@@ -138,3 +138,79 @@ def test_check_config_names_a_secret_variable_that_is_not_set(tmp_path) -> None:
 
     ok = run_cli("check-config", str(path), env={"MAILLOOP_TEST_UNSET_IMAP_PASSWORD": "s3cret"})
     assert ok.returncode == 0, ok.stderr.decode()
+
+
+MAILBOX = '[[mailbox]]\nname = "support"\naddress = "support@msp.example"\n'
+
+
+@pytest.mark.parametrize("fmt, why", [
+    ("T{date.__class__.__init__.__globals__}{seq}", "{date.__class__.__init__.__globals__} is not a field name"),
+    ("T{date:%Y%m%d}.{seq[0]}", "{seq[0]} is not a field name"),
+    ("T{0}{date:%Y%m%d}{seq}", "{0} is not a field name"),
+    ("T{date:%Y%m%d}.{seq!r}", "{seq} takes no conversion"),
+    ("T{date:{seq}}{seq}", "no nested field"),
+    ("T{date:%Y%m%d}.{seq:>5}", "{seq:>5} is no zero-padded width"),
+    ("T{date:%Y%m%d}.{seq}{seq}", "it needs one {seq}, one {date:...}"),
+    ("T{date:%Y%m%d}.{number}{seq}", "it needs one {seq}, one {date:...}"),
+    ("T{date:%Y%m%d}.{{seq}}", "braces are only for fields"),
+    ("T{date:%Y%m%d}.{seq", "not a valid format"),
+    ("T{date:%b %d %Y}.{seq}", "%b writes no digits"),
+    ("T{date:%Y%m}.{seq}", "the date must name the day"),
+    ("T{seq:06d}", "the date must name the day"),
+])
+def test_a_number_format_reaching_past_date_and_seq_is_refused_in_one_line(fmt: str, why: str) -> None:
+    message = error_of(f'[numbering]\nticket = "{fmt}"\n\n' + MAILBOX)
+    assert message.startswith("mailboxes.toml:2: numbering.ticket: expected a number format of text, "
+                              "{date:<strftime>} and {seq[:0Nd]}")
+    assert why in message
+
+
+@pytest.mark.parametrize("key", ["task", "project"])
+def test_task_and_project_formats_are_held_to_the_same_rule(key: str) -> None:
+    message = error_of(f'[numbering]\ntimezone = "UTC"\n{key} = "K{{date.year}}{{seq}}"\n\n' + MAILBOX)
+    assert message.startswith(f"mailboxes.toml:3: numbering.{key}: ")
+    assert "{date.year} is not a field name" in message
+
+
+@pytest.mark.parametrize("tag", ["[Ticket#{number.__class__}]", "[Ticket#{number:>30}]", "[{number}{number}]",
+                                 "[Ticket#{number!r}]", "[Ticket]"])
+def test_a_ticket_tag_other_than_text_and_number_is_refused(tag: str) -> None:
+    message = error_of(f'[numbering]\nticket_tag = "{tag}"\n\n' + MAILBOX)
+    assert message.startswith("mailboxes.toml:2: numbering.ticket_tag: expected a tag of text and {number}")
+
+
+@pytest.mark.parametrize("fmt", ["T{date:%Y%m%d}.{seq:04d}", "T-{date:%y%j}-{seq}", "INC{date:%Y%m%d%H}{seq:06}",
+                                 "{date:%d.%m.%Y}/{seq:03d}%"])
+def test_plain_number_formats_are_taken_and_their_numbers_are_found_again(fmt: str) -> None:
+    from datetime import datetime, timezone
+
+    from pipeline.parsers.references import find_number
+
+    config = parse_config(f'[numbering]\nticket = "{fmt}"\n\n' + MAILBOX, Path("mailboxes.toml"))
+    number = config.settings.numbering.ticket.format(date=datetime(2026, 12, 7, 9, tzinfo=timezone.utc), seq=12)
+    assert find_number(f"Re: printer [Ticket#{number}]", fmt) == number.upper()
+
+
+def test_check_config_refuses_a_format_reaching_python_attributes_without_a_traceback(tmp_path) -> None:
+    bad = tmp_path / "mailboxes.toml"
+    bad.write_text('[numbering]\nticket = "T{date.__class__.__init__.__globals__}{seq}"\n\n' + MAILBOX)
+    proc = run_cli("check-config", str(bad))
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"pipeline: error: {bad}:2: numbering.ticket: ")
+
+
+def test_an_intake_relay_that_is_no_address_or_range_is_refused_naming_it() -> None:
+    message = error_of(MAILBOX + '\n[mailbox.trust]\nauthserv_ids = ["mx.msp.example"]\n'
+                                 'intake_relays = ["10.0.0.0/8", "mx.msp.example"]\n')
+    assert message.startswith("mailboxes.toml:7: mailbox[0].trust.intake_relays: expected IP addresses or CIDR")
+    assert "got 'mx.msp.example'" in message
+
+
+def test_the_intake_session_cap_and_idle_timeout_must_be_positive() -> None:
+    source = '\n[mailbox.source]\nkind = "smtp"\nsecurity = "none"\n'
+    assert "mailbox[0].source.max_sessions: input should be greater than or equal to 1, got 0" in \
+        error_of(MAILBOX + source + "max_sessions = 0\n")
+    assert "mailbox[0].source.idle_timeout_seconds: input should be greater than 0, got 0" in \
+        error_of(MAILBOX + source + "idle_timeout_seconds = 0\n")

@@ -160,3 +160,26 @@ def test_hops_between_our_hosts_and_through_a_local_filter_are_inside() -> None:
                             "Mon, 23 Nov 2026 09:00:01 +0000"),
                PASS, OUR_RECEIVED]
     assert evaluate(headers, "tom@msp.example", policy).passed
+
+
+def test_our_intakes_none_verdict_is_the_one_believed_and_says_why() -> None:
+    ours = ("Authentication-Results",
+            "mx.msp.example; none (mailloop intake: peer 198.51.100.66 is not one of intake_relays)")
+    received = ("Received", ("from evil ([198.51.100.66])\r\n\tby mx.msp.example (mailloop) with ESMTP\r\n\t"
+                             "for <support@msp.example>; Mon, 23 Nov 2026 09:30:00 +0000"))
+    verdict = evaluate([ours, received, PASS], "tom@msp.example", POLICY)
+    assert not verdict.passed
+    assert verdict.why == ("mx.msp.example: DMARC pass required, got none (mailloop intake: peer 198.51.100.66 "
+                           "is not one of intake_relays)")
+
+
+def test_an_intake_relay_is_an_address_or_a_range_and_an_ipv4_peer_of_a_dual_stack_socket_counts() -> None:
+    from pipeline.trust import is_intake_relay
+
+    policy = TrustPolicy(authserv_ids=["mx.msp.example"], intake_relays=["192.0.2.25", "10.1.0.0/16", "2001:db8::/32"])
+    assert is_intake_relay("192.0.2.25", policy) and is_intake_relay("10.1.200.3", policy)
+    assert is_intake_relay("::ffff:10.1.0.9", policy) and is_intake_relay("2001:db8::1", policy)
+    assert not is_intake_relay("192.0.2.26", policy) and not is_intake_relay("10.2.0.1", policy)
+    assert not is_intake_relay("::1", policy) and not is_intake_relay(None, policy)
+    assert not is_intake_relay("not-an-address", policy)
+    assert not is_intake_relay("127.0.0.1", TrustPolicy(authserv_ids=["mx.msp.example"]))

@@ -9,13 +9,9 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from pipeline.config import NumberingSettings
+from pipeline.config import DATE_DIRECTIVES, NumberingSettings
 from pipeline.context import EntityRef, EntityType, MailContext
 from pipeline.parsers.mime import ParsedMail
-
-# strftime directives that number formats use, as patterns.
-_DIRECTIVES = {"%Y": r"\d{4}", "%y": r"\d{2}", "%m": r"\d{2}", "%d": r"\d{2}", "%j": r"\d{3}",
-               "%H": r"\d{2}", "%%": "%"}
 
 
 @lru_cache(maxsize=64)
@@ -32,7 +28,7 @@ def number_pattern(fmt: str) -> re.Pattern[str]:
             out.append(r"\d{%d,}" % int(width.group(1)) if width else r"\d+")
         else:
             spec = spec or "%Y-%m-%d"
-            out.append("".join(_DIRECTIVES.get(tok, re.escape(tok))
+            out.append("".join(DATE_DIRECTIVES.get(tok, re.escape(tok))
                                for tok in re.findall(r"%.|[^%]+", spec)))
         pos = m.end()
     out.append(re.escape(fmt[pos:]))

@@ -6,17 +6,25 @@ receives mail for its own address and the addresses in `source.recipients`; any 
 recipient is refused at RCPT (`550`). Too large a mail is refused with `552` (aiosmtpd
 counts while it reads). When the database or Redis is down the answer is `451`, so the
 sending MTA keeps the mail and retries. LMTP answers once per recipient (RFC 2033).
-The raw mail is journaled as received: no `Received:` line is added, so the trust
-check (D8) sees the headers the relaying MTA wrote.
+
+The intake is a receiving host (D8): it writes its own `Received:` line on top of each mail,
+by the mailbox's first authserv-id. An `Authentication-Results` that came with the mail is
+believed only from a peer in the mailbox's `intake_relays` (its own MX); from any other peer
+the intake adds its own verdict above the mail, that it authenticated nothing, so a header
+forged further down is never reached. At most `max_sessions` sessions at once (one more is
+answered 421), and a session silent for `idle_timeout_seconds` is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import format_datetime
 from typing import Any
 
 import redis
@@ -27,6 +35,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from pipeline.config import ConfigError, MailboxConfig
 from pipeline.errors import CannotRun
 from pipeline.sources.base import Sink, unique
+from pipeline.trust import is_intake_relay
 
 log = logging.getLogger("pipeline.sources.intake")
 
@@ -45,6 +54,49 @@ class Listener:
     @property
     def mailboxes(self) -> list[str]:
         return unique(box.name for box in self.routes.values())
+
+    @property
+    def max_sessions(self) -> int:
+        return max(box.source.max_sessions for box in self.routes.values())
+
+    @property
+    def idle_timeout(self) -> float:
+        return max(box.source.idle_timeout_seconds for box in self.routes.values())
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who handed the mail over: what the intake's own trace header records of the session."""
+
+    address: str | None  # the connecting IP address
+    helo: str | None  # what it called itself; anyone's word, recorded and never believed
+    protocol: str  # SMTP, ESMTP or LMTP (RFC 5321 4.4 "with")
+
+
+def trace_headers(box: MailboxConfig, peer: Peer, raw: bytes, now: datetime | None = None) -> bytes:
+    """The header lines the intake puts on top of a mail for `box` (D8), in the mail's line ending.
+
+    Always our `Received:` line. For a peer outside the mailbox's `intake_relays`, above it our
+    own `Authentication-Results` saying that nothing was authenticated: the trust check takes
+    the topmost one from a trusted authserv-id, so one written by the sender is never reached.
+    """
+    eol = b"\r\n" if raw[:raw.find(b"\n") + 1].endswith(b"\r\n") else b"\n"
+    by = box.trust.authserv_ids[0] if box.trust.authserv_ids else socket.getfqdn()
+    helo = _token(peer.helo) or "unknown"
+    ip = _token(peer.address) or "unknown"
+    date = format_datetime(now or datetime.now(timezone.utc))
+    lines = [f"Received: from {helo} ([{ip}])", f"\tby {by} (mailloop) with {peer.protocol}",
+             f"\tfor <{box.address}>; {date}"]
+    if box.trust.authserv_ids and not is_intake_relay(peer.address, box.trust):
+        lines = [f"Authentication-Results: {by}; none (mailloop intake: peer {ip} is not one of intake_relays)",
+                 *lines]
+    return eol.join(line.encode("ascii") for line in lines) + eol
+
+
+def _token(value: str | None) -> str:
+    # A HELO name is the client's word: keep what a host name or address literal is made of, so
+    # it can neither fold nor close the header nor pose as another clause of it.
+    return re.sub(r"[^A-Za-z0-9.:_-]", "", value or "")[:255]
 
 
 def plan_listeners(boxes: list[MailboxConfig]) -> list[Listener]:
@@ -70,6 +122,7 @@ class IntakeHandler:
         self.listener = listener
         self.sink = sink
         self.redis = redis_client
+        self.sessions = 0  # open sessions; changed only on the listener's event loop
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
@@ -81,9 +134,11 @@ class IntakeHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
         boxes = [self.listener.routes[r.lower()] for r in envelope.rcpt_tos]
+        peer = Peer(session.peer[0] if isinstance(session.peer, tuple) else None, session.host_name,
+                    "LMTP" if self.listener.kind == "lmtp" else "ESMTP" if session.extended_smtp else "SMTP")
         loop = asyncio.get_running_loop()
         # The journal write is blocking (SQLAlchemy): in a thread, so other sessions go on meanwhile.
-        statuses = await loop.run_in_executor(None, self.deliver, boxes, raw)
+        statuses = await loop.run_in_executor(None, self.deliver, boxes, raw, peer)
         if self.listener.kind == "lmtp":
             return "\r\n".join(statuses[box.name] for box in boxes)  # one reply per recipient
         # One reply for all recipients: a temporary failure first (the MTA retries the whole
@@ -92,8 +147,8 @@ class IntakeHandler:
         return next((r for r in replies if r.startswith("4")), None) or \
             next((r for r in replies if r.startswith("5")), replies[0])
 
-    def deliver(self, boxes: list[MailboxConfig], raw: bytes) -> dict[str, str]:
-        """Journal the mail once per mailbox; the SMTP status for each mailbox."""
+    def deliver(self, boxes: list[MailboxConfig], raw: bytes, peer: Peer) -> dict[str, str]:
+        """Journal the mail once per mailbox, under its trace headers; the SMTP status for each mailbox."""
         statuses: dict[str, str] = {}
         ids: list[int] = []
         try:
@@ -108,7 +163,7 @@ class IntakeHandler:
                 statuses[box.name] = "552 5.3.4 Message too big for this mailbox"
             else:
                 try:
-                    ids.append(self.sink.journal(box.name, raw))
+                    ids.append(self.sink.journal(box.name, trace_headers(box, peer, raw) + raw))
                     statuses[box.name] = f"250 2.0.0 OK journaled as #{ids[-1]}"
                 except CannotRun as exc:
                     log.warning("%s intake for %s: answering 451: %s", self.listener.kind.upper(), box.name, exc)
@@ -125,16 +180,56 @@ class IntakeHandler:
         return statuses
 
 
+class _Bounded:
+    """Counts a listener's open sessions; one over its cap is answered 421 and closed at once.
+
+    Mixed in before aiosmtpd's SMTP/LMTP protocol class. Counted per connection, in and out, on
+    the listener's one event loop: 200 idle connections must not hold 200 sessions open.
+    """
+
+    event_handler: IntakeHandler
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        handler = self.event_handler
+        handler.sessions += 1
+        if handler.sessions > handler.listener.max_sessions:
+            # The greeting has not been sent yet: say 421 instead, and end the session (RFC 5321 3.8).
+            self._handler_coroutine.cancel()  # type: ignore[attr-defined]
+            transport.write(b"421 4.7.0 Too many sessions, try again later\r\n")  # type: ignore[attr-defined]
+            transport.close()
+            log.warning("%s listener on %s:%s: %d sessions open, refused one more",
+                        handler.listener.kind.upper(), handler.listener.host, handler.listener.port,
+                        handler.listener.max_sessions)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.event_handler.sessions -= 1
+        super().connection_lost(error)  # type: ignore[misc]
+
+
+class _BoundedSMTP(_Bounded, SMTP):
+    pass
+
+
+class _BoundedLMTP(_Bounded, LMTP):
+    pass
+
+
+class _Controller(Controller):
+    def factory(self) -> SMTP:
+        return _BoundedSMTP(self.handler, **self.SMTP_kwargs)
+
+
 class _LmtpController(Controller):
     def factory(self) -> LMTP:
-        return LMTP(self.handler, **self.SMTP_kwargs)
+        return _BoundedLMTP(self.handler, **self.SMTP_kwargs)
 
 
 def start_listener(listener: Listener, sink: Sink, redis_client: redis.Redis) -> Controller:
     """Start the listener in a thread of its own; `stop()` the returned controller to end it."""
-    cls: Callable[..., Controller] = _LmtpController if listener.kind == "lmtp" else Controller
+    cls: Callable[..., Controller] = _LmtpController if listener.kind == "lmtp" else _Controller
     kwargs: dict[str, Any] = {"data_size_limit": listener.max_bytes, "server_hostname": socket.gethostname(),
-                              "enable_SMTPUTF8": True}
+                              "enable_SMTPUTF8": True, "timeout": listener.idle_timeout}
     controller = cls(IntakeHandler(listener, sink, redis_client), hostname=listener.host, port=listener.port,
                      **kwargs)
     controller.start()

@@ -17,8 +17,8 @@ from pipeline.config import Config, parse_config
 from pipeline.process import MailProcessor
 from pipeline.sources.base import Sink
 from pipeline.store.db import Store
-from pipeline.store.models import JournalEntry, Ticket
-from tests.conftest import REDIS_URL, config_text
+from pipeline.store.models import JournalEntry, Note, Ticket, TimeEntry
+from tests.conftest import REDIS_URL, config_text, make_mail
 from tests.sources.dovecot import Dovecot, TokenServer
 
 PASSWORDS = {"support": "support-secret", "billing": "billing-secret"}
@@ -101,3 +101,30 @@ def journal_count(store: Store) -> int:
 def ticket_titles(store: Store) -> list[str]:
     with store.sessions() as session:
         return sorted(session.scalars(select(Ticket.title)))
+
+
+# A technician's mail as a forger writes it: a DMARC pass "from our MX", below the Received:
+# line of the outside host it really came through (D8).
+OUTSIDE_RECEIVED = ("Received: from evil-laptop ([198.51.100.66]) by relay.evil.example with ESMTP id 7Q; "
+                    "Mon, 23 Nov 2026 09:29:58 +0000")
+MX_PASS = ("Authentication-Results: mx.msp.example; dkim=pass header.d=msp.example header.s=sel1; "
+           "spf=pass smtp.mailfrom=msp.example; dmarc=pass header.from=msp.example")
+
+
+def technician_mail(top_headers: list[str], subject: str = "Printer fixed") -> bytes:
+    """Tom's mail opening a ticket with commands that, if believed, resolve it and log 8 hours."""
+    return make_mail(from_="Tom Tech <tom@msp.example>", subject=subject, top_headers=top_headers,
+                     body="#time 8h\n#status Resolved\nReplaced the fuser.\n")
+
+
+def forged_technician_mail(subject: str = "Printer fixed") -> bytes:
+    return technician_mail([OUTSIDE_RECEIVED, MX_PASS], subject)
+
+
+def what_the_commands_did(store: Store, subject: str = "Printer fixed") -> tuple[str, list[float], bool]:
+    """(status, hours logged, whether the mail is an internal note) of the ticket the mail opened."""
+    with store.sessions() as session:
+        ticket = session.scalars(select(Ticket).where(Ticket.title == subject)).one()
+        hours = list(session.scalars(select(TimeEntry.hours).where(TimeEntry.entity_id == ticket.id)))
+        internal = session.scalars(select(Note.internal).where(Note.entity_id == ticket.id)).all()
+        return ticket.status, hours, all(internal) and bool(internal)

@@ -1,9 +1,13 @@
 """SMTP and LMTP intake with smtplib: 250 only after the journal write, 552 over the size
-limit, 451 while the database or Redis is down — and the retried mail is taken afterwards."""
+limit, 451 while the database or Redis is down — and the retried mail is taken afterwards.
+The intake is a receiving host (D8): its own trace headers on top, an Authentication-Results
+believed only from an intake relay, a cap on sessions and an idle timeout."""
 
 from __future__ import annotations
 
 import smtplib
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,19 +15,23 @@ import pytest
 import redis
 from aiosmtpd.controller import Controller
 
-from pipeline.config import Config
+from pipeline.config import Config, parse_config
 from pipeline.process import MailProcessor, connect_redis
 from pipeline.sources.intake import plan_listeners, start_listener
 from pipeline.store.db import Store
 from pipeline.store.directory import load_directory
 from tests.conftest import DIRECTORY
 from tests.conftest import make_mail as _make_mail
-from tests.services import PrivatePostgres, PrivateRedis, free_port
+from tests.services import PrivatePostgres, PrivateRedis, free_port, wait_until
 from tests.sources.conftest import (
+    MX_PASS,
+    OUTSIDE_RECEIVED,
     journal_count,
     outcomes,
     processing_sink,
+    technician_mail,
     ticket_titles,
+    what_the_commands_did,
     write_config,
 )
 
@@ -158,3 +166,124 @@ def test_smtp_intake_answers_451_while_the_database_is_down_and_takes_the_retrie
         assert ticket_titles(store) == ["Outlook keeps asking for the password", "Printer offline after the update"]
     finally:
         store.dispose()
+
+
+MX_RECEIVED = ("Received: from laptop.msp.example (laptop.msp.example [10.0.0.5]) by mx.msp.example (Postfix) "
+               "with ESMTPSA id 4A; Mon, 23 Nov 2026 09:29:59 +0000")
+
+
+def _send(port: int, kind: str, raw: bytes) -> None:
+    client = smtplib.LMTP("127.0.0.1", port) if kind == "lmtp" else smtplib.SMTP("127.0.0.1", port, timeout=30)
+    try:
+        crlf = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # as it goes over the wire
+        assert client.sendmail("tom@msp.example", ["support@msp.example"], crlf) == {}
+    finally:
+        client.quit()
+
+
+def _journaled_raw(store: Store) -> bytes:
+    from sqlalchemy import select
+
+    from pipeline.store.models import JournalEntry
+
+    with store.sessions() as session:
+        return session.scalars(select(JournalEntry.raw)).one()
+
+
+@pytest.mark.parametrize("kind", ["smtp", "lmtp"])
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_forged_authentication_results_sent_straight_to_the_intake_applies_nothing(
+        tmp_path: Path, db_url: str, key_prefix: str, store: Store, redis_client: redis.Redis, kind: str) -> None:
+    # Anyone who can connect: a DMARC pass "from our MX" written at the very top of the mail.
+    port = free_port()
+    config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix, _smtp_source(port, kind))
+    for _ in _listen(config, MailProcessor(config, store, redis_client), redis_client):
+        _send(port, kind, technician_mail([MX_PASS]))
+
+    assert what_the_commands_did(store) == ("New", [], True)
+    raw = _journaled_raw(store)
+    # Our own verdict and Received: line sit above what the peer sent.
+    assert raw.startswith(b"Authentication-Results: mx.msp.example; none (mailloop intake: peer 127.0.0.1 is "
+                          b"not one of intake_relays)\r\nReceived: from ")
+    assert b"\r\n\tby mx.msp.example (mailloop) with " + (b"LMTP" if kind == "lmtp" else b"ESMTP") in raw
+    assert raw.index(b"(mailloop)") < raw.index(MX_PASS.encode())
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_from_an_intake_relay_the_verdict_of_our_mx_is_believed_and_the_commands_apply(
+        tmp_path: Path, db_url: str, key_prefix: str, store: Store, redis_client: redis.Redis) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix, _smtp_source(port))
+    text = config.path.read_text().replace('authserv_ids = ["mx.msp.example"]\nrequire = "dmarc"',
+                                          'authserv_ids = ["mx.msp.example"]\nrequire = "dmarc"\n'
+                                          'intake_relays = ["192.0.2.0/24", "127.0.0.1"]', 1)
+    config = parse_config(text, config.path)
+    assert config.mailbox("support").trust.intake_relays == ["192.0.2.0/24", "127.0.0.1"]
+    for _ in _listen(config, MailProcessor(config, store, redis_client), redis_client):
+        _send(port, "smtp", technician_mail([MX_PASS, MX_RECEIVED]))
+        # The relay is believed for what our MX wrote, not for what the mail brought along.
+        _send(port, "smtp", technician_mail([OUTSIDE_RECEIVED, MX_PASS], subject="Server rebooted"))
+
+    assert what_the_commands_did(store) == ("Resolved", [8.0], False)
+    assert what_the_commands_did(store, "Server rebooted") == ("New", [], True)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_relay_range_that_does_not_hold_the_peer_does_not_vouch_for_it(
+        tmp_path: Path, db_url: str, key_prefix: str, store: Store, redis_client: redis.Redis) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix, _smtp_source(port))
+    text = config.path.read_text().replace('require = "dmarc"', 'require = "dmarc"\nintake_relays = ["10.0.0.0/8"]', 1)
+    config = parse_config(text, config.path)
+    for _ in _listen(config, MailProcessor(config, store, redis_client), redis_client):
+        _send(port, "smtp", technician_mail([MX_PASS, MX_RECEIVED]))
+    assert what_the_commands_did(store) == ("New", [], True)
+
+
+def _session(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.recv(512)  # the greeting (or the refusal)
+    return sock
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_one_session_over_the_cap_is_told_421_and_a_closed_one_frees_its_place(
+        tmp_path: Path, db_url: str, key_prefix: str, store: Store, redis_client: redis.Redis) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix, _smtp_source(port, max_sessions=3))
+    for _ in _listen(config, MailProcessor(config, store, redis_client), redis_client):
+        held = [_session(port) for _ in range(3)]
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            smtplib.SMTP("127.0.0.1", port, timeout=10)
+        assert refused.value.smtp_code == 421
+        held.pop().close()
+        # The listener notices the closed session on its own loop: the next one is let in soon.
+        wait_until(lambda: _greeted(port), 10, "a place freed by a closed session was not given again")
+        _send(port, "smtp", make_mail(subject="Monitor flickers"))
+        for sock in held:
+            sock.close()
+    assert ticket_titles(store) == ["Monitor flickers"]
+
+
+def _greeted(port: int) -> bool:
+    try:
+        smtplib.SMTP("127.0.0.1", port, timeout=10).quit()
+        return True
+    except smtplib.SMTPConnectError:
+        return False
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_idle_session_is_closed_and_its_place_given_to_the_next(
+        tmp_path: Path, db_url: str, key_prefix: str, store: Store, redis_client: redis.Redis) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix,
+                          _smtp_source(port, max_sessions=2, idle_timeout_seconds=1))
+    for _ in _listen(config, MailProcessor(config, store, redis_client), redis_client):
+        idle = [_session(port) for _ in range(2)]
+        started = time.monotonic()
+        for sock in idle:
+            assert sock.recv(512) == b""  # the server hung up on a session that said nothing
+        assert time.monotonic() - started < 5
+        _send(port, "smtp", make_mail(subject="Mouse lags"))
+    assert ticket_titles(store) == ["Mouse lags"]
