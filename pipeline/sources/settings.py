@@ -58,8 +58,10 @@ class SourceSettings(SettingsModel):
     # SMTP / LMTP intake: the addresses accepted (the mailbox's own address always is).
     recipients: list[str] = []  # noqa: RUF012 - pydantic copies field defaults
     max_message_bytes: int = Field(50 * 1024 * 1024, ge=1024)
-    max_sessions: int = Field(50, ge=1)  # concurrent sessions; one more is told 421 and closed
-    idle_timeout_seconds: float = Field(300, gt=0)  # a session silent this long between commands is closed
+    # Sessions at once (one more is told 421), and how long a session may be silent between
+    # commands before it is closed. Mailboxes sharing a listener: the largest of each applies.
+    max_sessions: int = Field(50, ge=1)
+    idle_timeout_seconds: float = Field(300, gt=0)
 
     poll_seconds: int = Field(60, ge=1)
 
