@@ -68,6 +68,10 @@ class Target:
     link_to_ticket_id: int | None = None
     internal: bool = False  # an unverified internal note (D8)
     why: str = ""
+    # The mail answers one of our notifications on this (existing) ticket by In-Reply-To/References,
+    # which vouches for a customer's `accept` or `close` (D2). Looked up by the resolve stage only
+    # when that is what the mail says and it did not pass the trust policy; False otherwise.
+    answers_notification: bool = False
 
 
 @dataclass

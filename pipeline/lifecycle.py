@@ -4,8 +4,9 @@ Three kinds of actor move a ticket:
 - a **resource** whose mail passed the trust policy (its first update, `#status`,
   `#resolve`, `#wait until`, `#unassign`);
 - a **customer** (a contact, or another sender allowed to write into the ticket): a reply,
-  or the words `accept`, `reject: <reason>`, `close` — reversible and recorded, so they
-  need no authentication;
+  or the words `accept`, `reject: <reason>`, `close`. A reply and `reject` only reopen, so
+  they need no authentication; `accept` and `close` end the ticket for good (nobody reopens
+  a Closed ticket), so they count only from a mail that is vouched for (`ENDING_WORDS`);
 - the **system**, on a clock: a `Waiting Until` date, the end of the feedback window,
   the optional auto-close after N days in `Waiting Customer`.
 
@@ -165,16 +166,37 @@ def window_open(resolved_at: datetime | None, days: float, now: datetime) -> boo
     return resolved_at is not None and now < aware(resolved_at) + timedelta(days=days)
 
 
+# The customer's words that close a ticket, which no mail can reopen: they count only from a mail
+# that passed the trust policy (D8) or answers one of our notifications on that ticket (D2).
+# Anyone can put the contact's address in a From: line.
+ENDING_WORDS = frozenset({"accept", "close"})
+
+
+def unvouched(word: str, status: str) -> str:
+    """Why a customer's `accept` or `close` changed nothing: the mail is not vouched for."""
+    return (f"`{word}` counts only from a mail that passed the trust policy or answers our notification "
+            f"on this ticket; recorded as a note, the ticket stays {status}")
+
+
 def customer_move(state: TicketState, answer: CustomerAnswer | None, settings: LifecycleSettings,
-                  now: datetime) -> tuple[Move | None, str]:
-    """What a customer's reply (or their `accept`, `reject: reason`, `close`) does, and why."""
+                  now: datetime, *, vouched: bool) -> tuple[Move | None, str]:
+    """What a customer's reply (or their `accept`, `reject: reason`, `close`) does, and why.
+
+    `vouched`: the mail passed the trust policy or answers our notification on this ticket.
+    Without it `accept` and `close` change nothing at all — not even the reopening an
+    ordinary reply in the feedback window makes: a forged word must leave no trace but its note.
+    """
     s = state.status
     if answer and answer.word == "close":
         if s == "Closed":
             return None, "the ticket is already Closed"
+        if not vouched:
+            return None, unvouched("close", s)
         return Move("Closed", "closed by the customer", "customer"), "the customer closed it"
     if s == "Resolved" and window_open(state.resolved_at, settings.feedback_window_days, now):
         if answer and answer.word == "accept":
+            if not vouched:
+                return None, unvouched("accept", s)
             return Move("Closed", "resolution accepted", "customer"), "the customer accepted the resolution"
         if answer and answer.word == "reject":
             reason = answer.reason or "no reason given"

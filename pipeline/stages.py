@@ -20,7 +20,7 @@ from pipeline.attribute import decide_sender
 from pipeline.commands import command_authority, parse_commands, parse_customer_answer
 from pipeline.context import MailContext, Sender, StopMail, Target
 from pipeline.dedup.loop_guard import AskedAhead, LoopGuard
-from pipeline.lifecycle import effective_status, settings_for, utc
+from pipeline.lifecycle import ENDING_WORDS, effective_status, settings_for, utc
 from pipeline.notify.plan import status_changed_notice
 from pipeline.notify.recipients import prefetch_answers
 from pipeline.parsers.mime import Unparseable, mail_identity, parse_mail
@@ -177,6 +177,7 @@ class Resolve:
             return
         sender = ctx.sender
         unverified = sender.kind == "resource" and not ctx.trust.passed
+        chosen: EntityInfo | None = None  # the existing entity it is written to
         for ref in ctx.references:
             entity = env.lookups.entity(ref)
             if entity is None:
@@ -193,6 +194,7 @@ class Resolve:
             else:
                 ctx.target = Target("existing", entity.type, entity.id, entity.number, internal=unverified,
                                     why=f"{entity.number}: {why}")
+                chosen = entity
             break
         else:
             ctx.target = Target("new_ticket", internal=unverified,
@@ -201,6 +203,8 @@ class Resolve:
             ctx.target.why += "; unverified sender: internal note only"
         ctx.note(self.name, "note on " + ctx.target.number if ctx.target.kind == "existing" else "new ticket",
                  ctx.target.why)
+        if chosen is not None:
+            self._vouch(ctx, env, chosen)
 
     def _alert(self, ctx: MailContext, env: StageEnv, alert: AlertRecord) -> None:
         """Alert mail: the account is the alert's site/customer; the ticket is found by alert key.
@@ -220,6 +224,22 @@ class Resolve:
         )
         ctx.target = Target("new_ticket", why=f"alert mail ({alert.vendor}): found by alert key, not by reference")
         ctx.note(self.name, "alert", ctx.sender.why)
+
+    def _vouch(self, ctx: MailContext, env: StageEnv, entity: EntityInfo) -> None:
+        """Does the mail answer our notification on this ticket? It vouches for `accept`/`close` (D2).
+
+        Asked only of a customer's `accept` or `close` that did not pass the trust policy: for
+        every other mail the answer changes nothing, and one query per mail would be wasted.
+        """
+        answer, target, trust = ctx.customer_answer, ctx.target, ctx.trust
+        assert target is not None and trust is not None, "called after the target is chosen"
+        if entity.type != "ticket" or answer is None or answer.word not in ENDING_WORDS or trust.passed:
+            return
+        ours = env.lookups.sent_by_us(answered_message_ids(ctx.parsed), entity)
+        target.answers_notification = ours
+        ctx.note(self.name, f"`{answer.word}` " + ("vouched for" if ours else "not vouched for"),
+                 f"answers our notification on {entity.number}" if ours else
+                 f"did not pass the trust policy and answers no notification of ours on {entity.number}")
 
     @staticmethod
     def _closed(ctx: MailContext, entity: EntityInfo) -> str | None:

@@ -29,6 +29,8 @@ from tests.conftest import fixture_bytes, make_mail
 T0 = datetime(2026, 11, 23, 9, 0, tzinfo=timezone.utc)
 AR_PASS = ("Authentication-Results: mx.msp.example; dkim=pass header.d=msp.example header.s=sel1; "
            "spf=pass smtp.mailfrom=msp.example; dmarc=pass header.from=msp.example")
+# Our receiving server's verdict on a mail from Jane's domain: it passed the trust policy.
+CUSTOMER_AR_PASS = "Authentication-Results: mx.msp.example; dmarc=pass header.from=acme.example"
 SETTINGS = LifecycleSettings(feedback_window_days=3, auto_close_days=5)
 
 
@@ -83,23 +85,44 @@ def resolved(at: datetime = T0, assigned: bool = True) -> TicketState:
 
 def test_customer_moves() -> None:
     in_window = T0 + timedelta(days=1)
-    assert customer_move(TicketState("Waiting Customer"), None, SETTINGS, in_window)[0].to == "New"
-    assert customer_move(resolved(), None, SETTINGS, in_window)[0].to == "In Progress"
-    assert customer_move(resolved(assigned=False), None, SETTINGS, in_window)[0].to == "New"
-    assert customer_move(resolved(), CustomerAnswer("accept"), SETTINGS, in_window)[0].to == "Closed"
-    move = customer_move(resolved(), CustomerAnswer("reject", "still broken"), SETTINGS, in_window)[0]
+    assert customer_move(TicketState("Waiting Customer"), None, SETTINGS, in_window, vouched=False)[0].to == "New"
+    assert customer_move(resolved(), None, SETTINGS, in_window, vouched=False)[0].to == "In Progress"
+    assert customer_move(resolved(assigned=False), None, SETTINGS, in_window, vouched=False)[0].to == "New"
+    assert customer_move(resolved(), CustomerAnswer("accept"), SETTINGS, in_window, vouched=True)[0].to == "Closed"
+    move = customer_move(resolved(), CustomerAnswer("reject", "still broken"), SETTINGS, in_window, vouched=False)[0]
     assert (move.to, move.what) == ("In Progress", "resolution rejected: still broken")
     for status in ("New", "In Progress", "Waiting Customer", "Waiting Until", "Resolved"):
         assert customer_move(TicketState(status, resolved_at=T0), CustomerAnswer("close"), SETTINGS,
-                             in_window)[0].to == "Closed"
+                             in_window, vouched=True)[0].to == "Closed"
+
+
+def test_accept_and_close_from_a_mail_nobody_vouches_for_change_nothing() -> None:
+    in_window = T0 + timedelta(days=1)
+    for status in ("New", "In Progress", "Waiting Customer", "Waiting Until", "Resolved"):
+        move, why = customer_move(TicketState(status, resolved_at=T0), CustomerAnswer("close"), SETTINGS,
+                                  in_window, vouched=False)
+        assert move is None
+        assert why == ("`close` counts only from a mail that passed the trust policy or answers our "
+                       f"notification on this ticket; recorded as a note, the ticket stays {status}")
+    # Not even the reopening an ordinary reply in the feedback window would make.
+    move, why = customer_move(resolved(), CustomerAnswer("accept"), SETTINGS, in_window, vouched=False)
+    assert move is None and why.startswith("`accept` counts only from a mail that passed the trust policy")
+    assert customer_move(resolved(), None, SETTINGS, in_window, vouched=False)[0].to == "In Progress"
+
+
+def test_reject_needs_nobody_to_vouch_for_it() -> None:
+    move, _ = customer_move(resolved(), CustomerAnswer("reject", "no"), SETTINGS, T0 + timedelta(days=1),
+                            vouched=False)
+    assert move.to == "In Progress"
 
 
 def test_a_customer_reply_leaves_other_states_alone() -> None:
     for status in ("New", "In Progress", "Waiting Until"):
-        move, why = customer_move(TicketState(status), None, SETTINGS, T0)
+        move, why = customer_move(TicketState(status), None, SETTINGS, T0, vouched=False)
         assert move is None and status in why
-    move, why = customer_move(TicketState("In Progress"), CustomerAnswer("accept"), SETTINGS, T0)
-    assert move is None and "only answers a Resolved ticket" in why
+    for vouched in (True, False):
+        move, why = customer_move(TicketState("In Progress"), CustomerAnswer("accept"), SETTINGS, T0, vouched=vouched)
+        assert move is None and "only answers a Resolved ticket" in why
 
 
 def test_due_moves_follow_the_clock() -> None:
@@ -127,8 +150,9 @@ def tech(processor: MailProcessor, number: str, body: str, at: datetime, mailbox
     return processor.ingest(mailbox, raw, received_at=at)
 
 
-def customer(processor: MailProcessor, number: str, body: str, at: datetime, mailbox: str = "support"):
-    raw = make_mail(subject=f"RE: [Ticket#{number}] Outlook", body=body)
+def customer(processor: MailProcessor, number: str, body: str, at: datetime, mailbox: str = "support",
+             top_headers: list[str] | None = None):
+    raw = make_mail(subject=f"RE: [Ticket#{number}] Outlook", body=body, top_headers=top_headers)
     return processor.ingest(mailbox, raw, received_at=at)
 
 
@@ -191,7 +215,8 @@ def test_a_customer_reply_in_the_feedback_window_reopens_and_the_first_resolutio
 
 def test_accept_closes_a_resolved_ticket(processor: MailProcessor, store) -> None:
     number = resolve(processor, store)
-    result = customer(processor, number, "accept\n\nThank you!\n", T0 + timedelta(days=1))
+    result = customer(processor, number, "accept\n\nThank you!\n", T0 + timedelta(days=1),
+                      top_headers=[CUSTOMER_AR_PASS])
     assert result.outcome == "note_added"
     assert ticket(store, number)["status"] == "Closed"
     assert changes(store, number)[-1] == ("resolution accepted", "Resolved", "Closed")
@@ -209,7 +234,8 @@ def test_reject_reopens_with_the_reason_noted(processor: MailProcessor, store) -
 
 def test_a_customer_may_close_their_own_open_ticket(processor: MailProcessor, store) -> None:
     number = open_ticket(processor)
-    customer(processor, number, "close\n\nFound it myself, sorry.\n", T0 + timedelta(hours=2))
+    customer(processor, number, "close\n\nFound it myself, sorry.\n", T0 + timedelta(hours=2),
+             top_headers=[CUSTOMER_AR_PASS])
     assert ticket(store, number)["status"] == "Closed"
     assert changes(store, number)[-1] == ("closed by the customer", "New", "Closed")
 

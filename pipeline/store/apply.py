@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from pipeline.commands import Command, CommandFailure
 from pipeline.context import MailContext
 from pipeline.lifecycle import (
+    ENDING_WORDS,
     OPEN,
     SYSTEM,
     Move,
@@ -122,12 +123,23 @@ def _customer(session: Session, ctx: MailContext, ticket: Ticket, now: datetime)
         # Someone merely copied on the ticket may reply, but accepting or closing is the customer's word.
         ctx.note("apply", f"`{answer.word}` read as a reply", "the sender is not the ticket's contact or of its account")
         answer = None
-    move, why = customer_move(state_of(ticket), answer, settings, now)
+    vouched = _vouched_by(ctx, ticket)
+    move, why = customer_move(state_of(ticket), answer, settings, now, vouched=vouched is not None)
     if move is None:
         ctx.note("apply", "no status change", why)
         return
     apply_move(session, ticket, move, who=ctx.sender.address, now=now, settings=settings, journal_id=ctx.journal_id)
-    ctx.note("apply", move.to, why)
+    ctx.note("apply", move.to, f"{why} ({vouched})" if answer and answer.word in ENDING_WORDS else why)
+
+
+def _vouched_by(ctx: MailContext, ticket: Ticket) -> str | None:
+    """What vouches for a customer's `accept` or `close` in this mail (D2), or None."""
+    assert ctx.trust is not None and ctx.target is not None, "the authenticate and resolve stages have run"
+    if ctx.trust.passed:
+        return "the mail passed the trust policy"
+    if ctx.target.answers_notification:  # the resolve stage asked the store (Resolve._vouch)
+        return f"the mail answers our notification on {ticket.number}"
+    return None
 
 
 def _apply_commands(session: Session, ctx: MailContext, ticket: Ticket | None, now: datetime) -> list[CommandFailure]:

@@ -90,8 +90,11 @@ def test_a_customers_own_change_and_a_first_update_tell_nobody_of_the_status(
         processor: MailProcessor, store, config) -> None:
     number = processor.ingest("support", make_mail(subject="Printer jams"), received_at=T0).entity["number"]
     processor.ingest("support", tom("On it.\n", f"RE: [Ticket#{number}] Printer"), received_at=T0 + timedelta(minutes=1))
-    processor.ingest("support", make_mail(subject=f"RE: [Ticket#{number}] Printer", body="close\n"),
-                     received_at=T0 + timedelta(minutes=2))
+    # Jane's `close`, which counts: her mail passed the trust policy (D2).
+    trusted = "Authentication-Results: mx.msp.example; dmarc=pass header.from=acme.example"
+    closed = processor.ingest("support", make_mail(subject=f"RE: [Ticket#{number}] Printer", body="close\n",
+                                                   top_headers=[trusted]), received_at=T0 + timedelta(minutes=2))
+    assert ("apply", "Closed") in [(step.stage, step.decision) for step in closed.trace]
     assert outbox(store, Notification.event == "status_changed") == []
 
 
