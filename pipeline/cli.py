@@ -92,6 +92,19 @@ def demo(run_dir: Path | None) -> None:
 
 # -- run (one machine) -----------------------------------------------------------------------
 
+def _metrics_bind(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--metrics-bind must be an IP address: a typo is a usage error, not a server listening elsewhere."""
+    from pipeline.metrics import bind_address
+
+    try:
+        return bind_address(value)
+    except ValueError as exc:
+        # Click names the option; say so when the value came from the environment instead.
+        from_env = ctx.get_parameter_source(param.name) == click.core.ParameterSource.ENVIRONMENT
+        raise click.BadParameter(f"$PIPELINE_METRICS_BIND: {exc}" if from_env else str(exc),
+                                 param=param) from None
+
+
 @main.command()
 @config_option
 @click.option("--mailbox", "mailboxes", multiple=True, metavar="NAME",
@@ -99,8 +112,14 @@ def demo(run_dir: Path | None) -> None:
 @click.option("--concurrency", type=click.IntRange(1), default=None,
               help="Worker processes (default: one per CPU).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, envvar="PIPELINE_METRICS_PORT",
-              help="Serve Prometheus metrics on this port (also $PIPELINE_METRICS_PORT).")
-def run(mailboxes: tuple[str, ...], concurrency: int | None, metrics_port: int | None) -> None:
+              help="Serve Prometheus metrics on this port, on 127.0.0.1 unless --metrics-bind says otherwise "
+                   "(also $PIPELINE_METRICS_PORT).")
+@click.option("--metrics-bind", metavar="ADDRESS", default="127.0.0.1", envvar="PIPELINE_METRICS_BIND",
+              callback=_metrics_bind,
+              help="IP address the metrics endpoint listens on (also $PIPELINE_METRICS_BIND). Default 127.0.0.1: "
+                   "loopback only, as the endpoint has no authentication. To let another machine scrape it, "
+                   "give 0.0.0.0 (every IPv4 interface), :: (every interface) or one address of this machine.")
+def run(mailboxes: tuple[str, ...], concurrency: int | None, metrics_port: int | None, metrics_bind: str) -> None:
     """Worker, scheduler and fetchers in one process tree, for one machine.
 
     Runs a Celery worker on every queue; runs the scheduler (Celery beat) only while
@@ -121,7 +140,7 @@ def run(mailboxes: tuple[str, ...], concurrency: int | None, metrics_port: int |
     from pipeline.tasks import read_status
 
     supervisor = Supervisor(rt.config, client, names, concurrency, metrics_port=metrics_port,
-                            read_status=lambda: read_status(rt))
+                            metrics_bind=metrics_bind, read_status=lambda: read_status(rt))
     sys.exit(supervisor.run())
 
 

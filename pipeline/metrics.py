@@ -5,10 +5,14 @@ kept in prometheus_client's multiprocess directory (`PROMETHEUS_MULTIPROC_DIR`),
 HTTP endpoint per machine reports the sum over its processes. Gauges that describe the
 whole fleet (quarantine size, mail waiting, queue depth, last fetch per mailbox) are read
 from the journal, Redis and the broker when the endpoint is scraped.
+
+The endpoint has no authentication, so it listens on 127.0.0.1 unless told otherwise
+(`pipeline run --metrics-bind`, `$PIPELINE_METRICS_BIND`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from datetime import datetime
@@ -18,6 +22,8 @@ from typing import Callable, Iterator
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from pipeline.errors import CannotRun
 
 log = logging.getLogger("pipeline.metrics")
 
@@ -30,6 +36,9 @@ LAG_SECONDS = Histogram("mailloop_journal_to_written_seconds", "From the journal
 RETRIES = Counter("mailloop_task_retries", "Celery task retries (transient Redis, database or broker trouble).",
                   ["task"])
 FETCHED = Counter("mailloop_fetched_mails", "Mails journaled by a fetch, by mailbox.", ["mailbox"])
+
+# /metrics has no authentication: only this machine may scrape it unless an address is given.
+DEFAULT_BIND = "127.0.0.1"
 
 
 @cache
@@ -89,8 +98,29 @@ class FleetCollector(Collector):
         yield failing
 
 
-def serve(port: int, read_status: Callable[[], object], multiproc_dir: str | None = None) -> CollectorRegistry:
-    """Serve /metrics on `port`: the sum over this machine's processes plus the fleet gauges."""
+def bind_address(value: str) -> str:
+    """`value` as an IP address to listen on; a one-line ValueError when it is not one.
+
+    Only IP addresses: a host name could resolve to an address other than the one meant.
+    """
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address: give 127.0.0.1, 0.0.0.0 (every IPv4 interface), "
+                         ":: (every interface) or one address of this machine") from None
+
+
+def endpoint(bind: str, port: int) -> str:
+    """`address:port` as a person writes it: an IPv6 address in brackets."""
+    return f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
+
+
+def serve(port: int, read_status: Callable[[], object], multiproc_dir: str | None = None,
+          bind: str = DEFAULT_BIND) -> CollectorRegistry:
+    """Serve /metrics on `bind`:`port`: the sum over this machine's processes plus the fleet gauges.
+
+    Raises CannotRun (one line) when the address cannot be listened on: in use, or not this machine's.
+    """
     from prometheus_client import multiprocess
 
     path = multiproc_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -100,6 +130,9 @@ def serve(port: int, read_status: Callable[[], object], multiproc_dir: str | Non
     else:  # one process does all the work: its own counters are the whole story
         registry = REGISTRY
     registry.register(FleetCollector(read_status))
-    start_http_server(port, registry=registry)
-    log.info("metrics on :%s/metrics", port)
+    try:
+        start_http_server(port, addr=bind, registry=registry)
+    except OSError as exc:
+        raise CannotRun(f"cannot serve metrics on {endpoint(bind, port)}: {exc.strerror or exc}") from None
+    log.info("metrics on %s/metrics", endpoint(bind, port))
     return registry

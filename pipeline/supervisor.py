@@ -46,7 +46,8 @@ PR_SET_PDEATHSIG = 1
 class Supervisor:
     def __init__(self, config: Config, client: redis.Redis, mailboxes: list[str], concurrency: int | None,
                  loglevel: str = "INFO", metrics_port: int | None = None,
-                 read_status: Callable[[], object] | None = None) -> None:
+                 read_status: Callable[[], object] | None = None,
+                 metrics_bind: str = metrics.DEFAULT_BIND) -> None:
         self.config = config
         self.client = client
         self.mailboxes = mailboxes
@@ -60,6 +61,7 @@ class Supervisor:
         self.metrics_dir = self.state_dir / "metrics"
         self.metrics_dir.mkdir()
         self.metrics_port = metrics_port
+        self.metrics_bind = metrics_bind
         self.read_status = read_status
         self.lock = SchedulerLock(client, config)
         # The mailboxes each long-running child serves -> its process, and when it may (re)start.
@@ -74,7 +76,9 @@ class Supervisor:
             env["PIPELINE_CONFIG"] = str(self.config.path.resolve())
         env["PIPELINE_MAILBOXES"] = ",".join(self.mailboxes)
         env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
-        env.pop("PIPELINE_METRICS_PORT", None)  # this process serves the metrics, not the worker
+        # This process serves the metrics, not the worker.
+        env.pop("PIPELINE_METRICS_PORT", None)
+        env.pop("PIPELINE_METRICS_BIND", None)
         return env
 
     def _celery(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -126,12 +130,13 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        self.start_worker()
-        if self.metrics_port and self.read_status:
-            metrics.serve(self.metrics_port, self.read_status, str(self.metrics_dir))
         code = 0
         last_renew = 0.0
         try:
+            # Metrics first: an address that cannot be listened on stops the run before any child starts.
+            if self.metrics_port and self.read_status:
+                metrics.serve(self.metrics_port, self.read_status, str(self.metrics_dir), bind=self.metrics_bind)
+            self.start_worker()
             while not self.stopping:
                 self.tend_listeners()
                 if time.monotonic() - last_renew >= RENEW_EVERY:

@@ -4,7 +4,9 @@ The configuration is found as every command finds it (`$PIPELINE_CONFIG`, else
 `./mailboxes.toml`); the broker is `CELERY_BROKER_URL`, else `[celery].broker_url`, else
 the Redis URL. `$PIPELINE_MAILBOXES` (comma-separated) limits which mailboxes this
 beat schedules — `pipeline run --mailbox` sets it. With `$PIPELINE_METRICS_PORT` the
-worker serves Prometheus metrics for all its processes on that port.
+worker serves Prometheus metrics for all its processes on that port, on 127.0.0.1 only
+(the endpoint has no authentication) unless `$PIPELINE_METRICS_BIND` names another
+address: 0.0.0.0 for every IPv4 interface, :: for every interface, or one of this machine's.
 """
 
 from __future__ import annotations

@@ -93,19 +93,36 @@ def _count_retry(sender: object = None, **_: object) -> None:
 
 @worker_ready.connect
 def _serve_metrics(**_: object) -> None:
-    """A fleet worker started with PIPELINE_METRICS_PORT serves /metrics from its main process.
+    """A fleet worker started with PIPELINE_METRICS_PORT serves /metrics from its main process,
+    on 127.0.0.1 unless PIPELINE_METRICS_BIND names another address.
 
     Started once the pool has forked, after one read that imports everything a scrape
     needs: a pool process forked while the server thread held an import lock would hang.
     """
+    from pipeline.errors import CannotRun
+
     port = os.environ.get("PIPELINE_METRICS_PORT")
-    if port:
-        rt = Runtime(None)
-        try:
-            read_status(rt)
-        except Exception as exc:  # down now is fine: the scrape reports it
-            logging.getLogger("pipeline.metrics").warning("metrics: first status read failed: %s", exc)
-        metrics.serve(int(port), lambda: read_status(rt))
+    if not port:
+        return
+    log = logging.getLogger("pipeline.metrics")
+    # A bad setting is one line, and the worker goes on working: the mail matters more than its metrics.
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        log.error("metrics not served: PIPELINE_METRICS_PORT: %r is not a port number", port)
+        return
+    try:
+        bind = metrics.bind_address(os.environ.get("PIPELINE_METRICS_BIND") or metrics.DEFAULT_BIND)
+    except ValueError as exc:
+        log.error("metrics not served: PIPELINE_METRICS_BIND: %s", exc)
+        return
+    rt = Runtime(None)
+    try:
+        read_status(rt)
+    except Exception as exc:  # down now is fine: the scrape reports it
+        log.warning("metrics: first status read failed: %s", exc)
+    try:
+        metrics.serve(int(port), lambda: read_status(rt), bind=bind)
+    except CannotRun as exc:  # port in use, or the address is not this machine's
+        log.error("metrics not served: %s", exc)
 
 
 def read_status(rt: Runtime, with_queues: bool = True):  # -> pipeline.status.Status
