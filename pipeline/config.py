@@ -12,6 +12,8 @@ import os
 import re
 import string
 import tomllib
+from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -95,35 +97,61 @@ class NumberingSettings(_Model):
 DATE_DIRECTIVES = {"%Y": r"\d{4}", "%y": r"\d{2}", "%m": r"\d{2}", "%d": r"\d{2}", "%j": r"\d{3}",
                    "%H": r"\d{2}", "%%": "%"}
 _SEQ_SPEC = re.compile(r"(0\d{1,2})?d?")
+# A number's own text: what a subject, our Message-ID's local part and a case-blind lookup
+# (numbers are found upper-cased) all carry unchanged.
+_NUMBER_TEXT = re.compile(r"[A-Z0-9._/#=-]*")
 
 
 def number_format_problem(fmt: str) -> str | None:
     """Why `fmt` is no usable ticket, task or project number format, or None.
 
     Only `{date:<strftime>}` and `{seq[:0Nd]}` are fields: str.format would otherwise reach
-    attributes and items of the values (`{date.__class__...}`), and any other spec could write
-    a number the extractor never finds again. The sequence restarts every day (D3), so the
-    date must name the day, or numbers would repeat.
+    attributes and items of the values (`{date.__class__...}`), and any other spec or text
+    could write a number the extractor never finds again.
     """
     fields = _fields(fmt)
     if isinstance(fields, str):
         return fields
     names = [name for name, _ in fields]
     if names.count("seq") != 1 or names.count("date") > 1 or set(names) - {"seq", "date"}:
-        return "it needs one {seq}, one {date:...} and no other field"
+        return "it needs one {seq}, at most one {date:...} and no other field"
     for name, spec in fields:
         if name == "seq" and not _SEQ_SPEC.fullmatch(spec):
             return f"{{seq:{spec}}} is no zero-padded width such as {{seq:04d}}"
-        if name == "date":
-            tokens = re.findall(r"%.|[^%]+", spec)
-            unknown = [t for t in tokens if t.startswith("%") and t not in DATE_DIRECTIVES]
-            if unknown:
-                return f"{unknown[0]} writes no digits (use {', '.join(list(DATE_DIRECTIVES)[:-1])})"
-            if not ({"%Y", "%y"} & set(tokens) and ("%j" in tokens or {"%m", "%d"} <= set(tokens))):
-                return "the date must name the day (%Y%m%d or %Y%j): the sequence restarts daily"
-    if "date" not in names:
-        return "the date must name the day (%Y%m%d or %Y%j): the sequence restarts daily"
+        unknown = [t for t in date_tokens(spec) if t.startswith("%") and t not in DATE_DIRECTIVES]
+        if name == "date" and unknown:
+            return f"{unknown[0]} writes no digits (use {', '.join(list(DATE_DIRECTIVES)[:-1])})"
+    literal = "".join(text for text, *_ in string.Formatter().parse(fmt)) + "".join(
+        t for name, spec in fields if name == "date" for t in date_tokens(spec) if not t.startswith("%"))
+    if not _NUMBER_TEXT.fullmatch(literal):
+        return "its text may hold capital letters, digits and . _ / # = - only"
     return None
+
+
+def date_tokens(spec: str) -> list[str]:
+    """A date spec as directives (`%Y`, and a lone `%` at the end) and the text between them."""
+    return re.findall(r"%.?|[^%]+", spec, re.DOTALL)
+
+
+def sequence_period(fmt: str, when: datetime) -> str:
+    """The counter a number of `fmt` made at `when` (local time) counts in: its `day` in number_sequences.
+
+    A format whose date names the day counts per day, under the day's ISO date (D3). Any other
+    counts on as long as what its date writes stays the same — a year for `%Y`, for ever without
+    a date — so that no number is ever handed out twice.
+    """
+    used = {t for name, spec in _cached_fields(fmt) if name == "date" for t in date_tokens(spec)}
+    if {"%Y", "%y"} & used and ("%j" in used or {"%m", "%d"} <= used):
+        return when.strftime("%Y-%m-%d")
+    # Without dashes: never the key of a day. At most 9 characters (the column holds 10).
+    key = "".join(when.strftime(d) for d in ("%Y", "%m", "%d", "%j", "%H") if d in used or d == "%Y" and "%y" in used)
+    return key or "all"
+
+
+@lru_cache(maxsize=16)
+def _cached_fields(fmt: str) -> tuple[tuple[str, str], ...]:
+    fields = _fields(fmt)
+    return tuple(fields) if isinstance(fields, list) else ()
 
 
 def tag_format_problem(fmt: str) -> str | None:
@@ -133,6 +161,8 @@ def tag_format_problem(fmt: str) -> str | None:
         return fields
     if fields != [("number", "")]:
         return "it needs one {number} and no other field or format spec"
+    if not fmt.isprintable():
+        return "it may not hold control characters (a line break, NUL): it goes into the Subject: line"
     return None
 
 

@@ -150,13 +150,18 @@ MAILBOX = '[[mailbox]]\nname = "support"\naddress = "support@msp.example"\n'
     ("T{date:%Y%m%d}.{seq!r}", "{seq} takes no conversion"),
     ("T{date:{seq}}{seq}", "no nested field"),
     ("T{date:%Y%m%d}.{seq:>5}", "{seq:>5} is no zero-padded width"),
-    ("T{date:%Y%m%d}.{seq}{seq}", "it needs one {seq}, one {date:...}"),
-    ("T{date:%Y%m%d}.{number}{seq}", "it needs one {seq}, one {date:...}"),
+    ("T{date:%Y%m%d}.{seq}{seq}", "it needs one {seq}, at most one {date:...}"),
+    ("T{date:%Y%m%d}.{number}{seq}", "it needs one {seq}, at most one {date:...}"),
     ("T{date:%Y%m%d}.{{seq}}", "braces are only for fields"),
     ("T{date:%Y%m%d}.{seq", "not a valid format"),
     ("T{date:%b %d %Y}.{seq}", "%b writes no digits"),
-    ("T{date:%Y%m}.{seq}", "the date must name the day"),
-    ("T{seq:06d}", "the date must name the day"),
+    ("T{date:%Y%m%d%}.{seq}", "% writes no digits"),  # a lone %: strftime writes it, nothing finds it
+    # Found upper-cased, and carried in our Message-IDs and subjects: no lower case, no +, @, space, NUL.
+    ("t{date:%Y%m%d}.{seq}", "its text may hold capital letters, digits and . _ / # = - only"),
+    ("T+{date:%Y%m%d}.{seq}", "its text may hold capital letters"),
+    ("T {date:%Y%m%d}.{seq}", "its text may hold capital letters"),
+    ("T{date:%Y@%m%d}.{seq}", "its text may hold capital letters"),
+    ("T{date:%Y%m%d}.{seq:04d}\\u0000", "its text may hold capital letters"),
 ])
 def test_a_number_format_reaching_past_date_and_seq_is_refused_in_one_line(fmt: str, why: str) -> None:
     message = error_of(f'[numbering]\nticket = "{fmt}"\n\n' + MAILBOX)
@@ -173,14 +178,16 @@ def test_task_and_project_formats_are_held_to_the_same_rule(key: str) -> None:
 
 
 @pytest.mark.parametrize("tag", ["[Ticket#{number.__class__}]", "[Ticket#{number:>30}]", "[{number}{number}]",
-                                 "[Ticket#{number!r}]", "[Ticket]"])
+                                 "[Ticket#{number!r}]", "[Ticket]", "[Ticket#{number}]\\r\\nBcc: x@evil.example",
+                                 "[Ticket#{number}]\\u0000"])
 def test_a_ticket_tag_other_than_text_and_number_is_refused(tag: str) -> None:
     message = error_of(f'[numbering]\nticket_tag = "{tag}"\n\n' + MAILBOX)
     assert message.startswith("mailboxes.toml:2: numbering.ticket_tag: expected a tag of text and {number}")
 
 
 @pytest.mark.parametrize("fmt", ["T{date:%Y%m%d}.{seq:04d}", "T-{date:%y%j}-{seq}", "INC{date:%Y%m%d%H}{seq:06}",
-                                 "{date:%d.%m.%Y}/{seq:03d}%"])
+                                 "{date:%d.%m.%Y}/{seq:03d}", "INC-{seq:06d}", "CASE{date:%Y}-{seq:05d}",
+                                 "T{date:%Y%m%d%%}{seq}"])
 def test_plain_number_formats_are_taken_and_their_numbers_are_found_again(fmt: str) -> None:
     from datetime import datetime, timezone
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from pipeline.config import DATE_DIRECTIVES, NumberingSettings
+from pipeline.config import DATE_DIRECTIVES, NumberingSettings, date_tokens
 from pipeline.context import EntityRef, EntityType, MailContext
 from pipeline.parsers.mime import ParsedMail
 
@@ -28,8 +28,7 @@ def number_pattern(fmt: str) -> re.Pattern[str]:
             out.append(r"\d{%d,}" % int(width.group(1)) if width else r"\d+")
         else:
             spec = spec or "%Y-%m-%d"
-            out.append("".join(DATE_DIRECTIVES.get(tok, re.escape(tok))
-                               for tok in re.findall(r"%.|[^%]+", spec)))
+            out.append("".join(DATE_DIRECTIVES.get(tok, re.escape(tok)) for tok in date_tokens(spec)))
         pos = m.end()
     out.append(re.escape(fmt[pos:]))
     return re.compile(r"(?<![A-Za-z0-9])(" + "".join(out) + r")(?![0-9])", re.IGNORECASE)

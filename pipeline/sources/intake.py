@@ -11,16 +11,19 @@ The intake is a receiving host (D8): it writes its own `Received:` line on top o
 by the mailbox's first authserv-id. An `Authentication-Results` that came with the mail is
 believed only from a peer in the mailbox's `intake_relays` (its own MX); from any other peer
 the intake adds its own verdict above the mail, that it authenticated nothing, so a header
-forged further down is never reached. At most `max_sessions` sessions at once (one more is
-answered 421), and a session silent for `idle_timeout_seconds` is closed.
+forged further down is never reached. At most `max_sessions` sessions at once, half of them
+from one peer (our MX is never refused), and a session silent for `idle_timeout_seconds` is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import socket
+import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -62,6 +65,10 @@ class Listener:
     @property
     def idle_timeout(self) -> float:
         return max(box.source.idle_timeout_seconds for box in self.routes.values())
+
+    def is_relay(self, address: str | None) -> bool:
+        """Is the peer an intake relay of a mailbox this listener serves (our own MX)?"""
+        return any(is_intake_relay(address, box.trust) for box in self.routes.values())
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,11 @@ class IntakeHandler:
         self.listener = listener
         self.sink = sink
         self.redis = redis_client
-        self.sessions = 0  # open sessions; changed only on the listener's event loop
+        # Open sessions, in all and by peer address; changed only on the listener's event loop.
+        self.sessions = 0
+        self.by_peer: Counter[str | None] = Counter()
+        self.refused = 0  # sessions refused since the last time the log said so
+        self.refused_logged_at = -math.inf
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
@@ -134,7 +145,7 @@ class IntakeHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
         boxes = [self.listener.routes[r.lower()] for r in envelope.rcpt_tos]
-        peer = Peer(session.peer[0] if isinstance(session.peer, tuple) else None, session.host_name,
+        peer = Peer(_peer_address(session.peer), session.host_name,
                     "LMTP" if self.listener.kind == "lmtp" else "ESMTP" if session.extended_smtp else "SMTP")
         loop = asyncio.get_running_loop()
         # The journal write is blocking (SQLAlchemy): in a thread, so other sessions go on meanwhile.
@@ -155,7 +166,9 @@ class IntakeHandler:
             self.redis.ping()  # the pipeline needs Redis right after this; refuse while it is down
             redis_down = None
         except redis.RedisError as exc:
-            redis_down = f"451 4.3.0 Redis unavailable, try again later ({_one_line(exc)})"
+            # The reason is for our log; the peer may be anyone and learns only to try again.
+            log.warning("%s intake: answering 451, Redis is unavailable: %s", self.listener.kind.upper(), _one_line(exc))
+            redis_down = "451 4.3.0 Redis unavailable, try again later"
         for box in {box.name: box for box in boxes}.values():  # a mailbox named twice takes the mail once
             if redis_down:
                 statuses[box.name] = redis_down
@@ -167,7 +180,7 @@ class IntakeHandler:
                     statuses[box.name] = f"250 2.0.0 OK journaled as #{ids[-1]}"
                 except CannotRun as exc:
                     log.warning("%s intake for %s: answering 451: %s", self.listener.kind.upper(), box.name, exc)
-                    statuses[box.name] = f"451 4.3.0 Cannot take the mail now, try again later ({_one_line(exc)})"
+                    statuses[box.name] = "451 4.3.0 Cannot take the mail now, try again later"
                 except Exception:  # a bug here must not bounce the mail: answer 451, the MTA keeps it
                     log.exception("%s intake for %s: journal write failed; answering 451",
                                   self.listener.kind.upper(), box.name)
@@ -179,12 +192,25 @@ class IntakeHandler:
                 log.warning("journaled #%s but could not enqueue it (%s); reconciliation will", ids, exc)
         return statuses
 
+    def note_refusal(self, peer: str | None) -> None:
+        """Log refused sessions at most once a minute: a flood must not flood the log too."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self.refused_logged_at >= 60:
+            log.warning("%s listener on %s:%s: refused %d session(s) over the cap (%d open, %d from %s)",
+                        self.listener.kind.upper(), self.listener.host, self.listener.port, self.refused,
+                        self.sessions - 1, self.by_peer[peer] - 1, peer)
+            self.refused, self.refused_logged_at = 0, now
+
 
 class _Bounded:
-    """Counts a listener's open sessions; one over its cap is answered 421 and closed at once.
+    """Counts a listener's sessions; one over a cap is answered 421 and closed at once (RFC 5321 3.8).
 
-    Mixed in before aiosmtpd's SMTP/LMTP protocol class. Counted per connection, in and out, on
-    the listener's one event loop: 200 idle connections must not hold 200 sessions open.
+    Mixed in before aiosmtpd's SMTP/LMTP protocol class. Our own MX (a peer in `intake_relays`)
+    is never refused, so strangers holding sessions open cannot keep the mail out; any other
+    peer may hold at most half of `max_sessions`. A session ends after `idle_timeout` seconds
+    in which nothing arrived: silence, not a slow sender of a big mail (as Postfix's
+    smtpd_timeout counts per read).
     """
 
     event_handler: IntakeHandler
@@ -192,19 +218,33 @@ class _Bounded:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
         handler = self.event_handler
+        peer = _peer_address(transport.get_extra_info("peername"))
+        self._peer = peer
         handler.sessions += 1
-        if handler.sessions > handler.listener.max_sessions:
-            # The greeting has not been sent yet: say 421 instead, and end the session (RFC 5321 3.8).
-            self._handler_coroutine.cancel()  # type: ignore[attr-defined]
+        handler.by_peer[peer] += 1
+        limit = handler.listener.max_sessions
+        if not handler.listener.is_relay(peer) and (
+                handler.sessions > limit or handler.by_peer[peer] > max(1, limit // 2)):
+            self._handler_coroutine.cancel()  # type: ignore[attr-defined]  # no greeting: 421 instead
             transport.write(b"421 4.7.0 Too many sessions, try again later\r\n")  # type: ignore[attr-defined]
             transport.close()
-            log.warning("%s listener on %s:%s: %d sessions open, refused one more",
-                        handler.listener.kind.upper(), handler.listener.host, handler.listener.port,
-                        handler.listener.max_sessions)
+            handler.note_refusal(peer)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.event_handler.sessions -= 1
+        handler = self.event_handler
+        handler.sessions -= 1
+        handler.by_peer[self._peer] -= 1
+        if handler.by_peer[self._peer] <= 0:
+            del handler.by_peer[self._peer]
         super().connection_lost(error)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        self._reset_timeout()  # type: ignore[attr-defined]
+        super().data_received(data)  # type: ignore[misc]
+
+
+def _peer_address(peername: object) -> str | None:
+    return str(peername[0]) if isinstance(peername, tuple) and peername else None
 
 
 class _BoundedSMTP(_Bounded, SMTP):
