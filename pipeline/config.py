@@ -13,7 +13,6 @@ import re
 import string
 import tomllib
 from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -83,6 +82,12 @@ class NumberingSettings(_Model):
                              f"'T{{date:%Y%m%d}}.{{seq:04d}}', got {value!r}: {problem}")
         return value
 
+    @model_validator(mode="after")
+    def _distinct(self) -> "NumberingSettings":
+        if len({self.ticket, self.task, self.project}) < 3:
+            raise ValueError("ticket, task and project numbers need formats of their own (a number names its kind)")
+        return self
+
     @field_validator("ticket_tag")
     @classmethod
     def _tag(cls, value: str) -> str:
@@ -99,7 +104,7 @@ DATE_DIRECTIVES = {"%Y": r"\d{4}", "%y": r"\d{2}", "%m": r"\d{2}", "%d": r"\d{2}
 _SEQ_SPEC = re.compile(r"(0\d{1,2})?d?")
 # A number's own text: what a subject, our Message-ID's local part and a case-blind lookup
 # (numbers are found upper-cased) all carry unchanged.
-_NUMBER_TEXT = re.compile(r"[A-Z0-9._/#=-]*")
+_NUMBER_TEXT = re.compile(r"[A-Z0-9._/#=-]+")
 
 
 def number_format_problem(fmt: str) -> str | None:
@@ -107,51 +112,37 @@ def number_format_problem(fmt: str) -> str | None:
 
     Only `{date:<strftime>}` and `{seq[:0Nd]}` are fields: str.format would otherwise reach
     attributes and items of the values (`{date.__class__...}`), and any other spec or text
-    could write a number the extractor never finds again.
+    could write a number the extractor never finds again. The sequence restarts every day
+    (D3), so the date must name the day, or numbers would repeat.
     """
     fields = _fields(fmt)
     if isinstance(fields, str):
         return fields
     names = [name for name, _ in fields]
-    if names.count("seq") != 1 or names.count("date") > 1 or set(names) - {"seq", "date"}:
-        return "it needs one {seq}, at most one {date:...} and no other field"
-    for name, spec in fields:
-        if name == "seq" and not _SEQ_SPEC.fullmatch(spec):
-            return f"{{seq:{spec}}} is no zero-padded width such as {{seq:04d}}"
-        unknown = [t for t in date_tokens(spec) if t.startswith("%") and t not in DATE_DIRECTIVES]
-        if name == "date" and unknown:
-            return f"{unknown[0]} writes no digits (use {', '.join(list(DATE_DIRECTIVES)[:-1])})"
-    literal = "".join(text for text, *_ in string.Formatter().parse(fmt)) + "".join(
-        t for name, spec in fields if name == "date" for t in date_tokens(spec) if not t.startswith("%"))
-    if not _NUMBER_TEXT.fullmatch(literal):
-        return "its text may hold capital letters, digits and . _ / # = - only"
+    if names.count("seq") != 1 or names.count("date") != 1 or set(names) - {"seq", "date"}:
+        return "it needs one {seq}, one {date:...} and no other field"
+    spec = dict(fields)
+    if not _SEQ_SPEC.fullmatch(spec["seq"]):
+        return f"{{seq:{spec['seq']}}} is no zero-padded width such as {{seq:04d}}"
+    tokens = date_tokens(spec["date"])
+    unknown = [t for t in tokens if t.startswith("%") and t not in DATE_DIRECTIVES]
+    if unknown:
+        return f"{unknown[0]} writes no digits (use {', '.join(list(DATE_DIRECTIVES)[:-1])})"
+    if not ({"%Y", "%y"} & set(tokens) and ("%j" in tokens or {"%m", "%d"} <= set(tokens))):
+        return "the date must name the day (%Y%m%d or %Y%j): the sequence restarts daily"
+    # What it writes, with a sequence of a million a day: found again (upper-cased), carried in
+    # our Message-IDs and subjects, and held by the number columns (40 characters).
+    widest = fmt.format(date=datetime(2026, 12, 31, 23), seq=999_999)
+    if not _NUMBER_TEXT.fullmatch(widest):
+        return f"it writes {widest!r}: a number is capital letters, digits and . _ / # = - only"
+    if len(widest) > 40:
+        return f"it writes {widest!r}, longer than the 40 characters a number may have"
     return None
 
 
 def date_tokens(spec: str) -> list[str]:
     """A date spec as directives (`%Y`, and a lone `%` at the end) and the text between them."""
     return re.findall(r"%.?|[^%]+", spec, re.DOTALL)
-
-
-def sequence_period(fmt: str, when: datetime) -> str:
-    """The counter a number of `fmt` made at `when` (local time) counts in: its `day` in number_sequences.
-
-    A format whose date names the day counts per day, under the day's ISO date (D3). Any other
-    counts on as long as what its date writes stays the same — a year for `%Y`, for ever without
-    a date — so that no number is ever handed out twice.
-    """
-    used = {t for name, spec in _cached_fields(fmt) if name == "date" for t in date_tokens(spec)}
-    if {"%Y", "%y"} & used and ("%j" in used or {"%m", "%d"} <= used):
-        return when.strftime("%Y-%m-%d")
-    # Without dashes: never the key of a day. At most 9 characters (the column holds 10).
-    key = "".join(when.strftime(d) for d in ("%Y", "%m", "%d", "%j", "%H") if d in used or d == "%Y" and "%y" in used)
-    return key or "all"
-
-
-@lru_cache(maxsize=16)
-def _cached_fields(fmt: str) -> tuple[tuple[str, str], ...]:
-    fields = _fields(fmt)
-    return tuple(fields) if isinstance(fields, list) else ()
 
 
 def tag_format_problem(fmt: str) -> str | None:

@@ -150,18 +150,23 @@ MAILBOX = '[[mailbox]]\nname = "support"\naddress = "support@msp.example"\n'
     ("T{date:%Y%m%d}.{seq!r}", "{seq} takes no conversion"),
     ("T{date:{seq}}{seq}", "no nested field"),
     ("T{date:%Y%m%d}.{seq:>5}", "{seq:>5} is no zero-padded width"),
-    ("T{date:%Y%m%d}.{seq}{seq}", "it needs one {seq}, at most one {date:...}"),
-    ("T{date:%Y%m%d}.{number}{seq}", "it needs one {seq}, at most one {date:...}"),
+    ("T{date:%Y%m%d}.{seq}{seq}", "it needs one {seq}, one {date:...}"),
+    ("T{date:%Y%m%d}.{number}{seq}", "it needs one {seq}, one {date:...}"),
     ("T{date:%Y%m%d}.{{seq}}", "braces are only for fields"),
     ("T{date:%Y%m%d}.{seq", "not a valid format"),
     ("T{date:%b %d %Y}.{seq}", "%b writes no digits"),
     ("T{date:%Y%m%d%}.{seq}", "% writes no digits"),  # a lone %: strftime writes it, nothing finds it
+    ("T{date:%Y%m}.{seq}", "the date must name the day"),  # the sequence restarts daily: numbers would repeat
+    ("INC-{seq:06d}", "it needs one {seq}, one {date:...}"),
+    ("T{date}-{seq}", "the date must name the day"),
     # Found upper-cased, and carried in our Message-IDs and subjects: no lower case, no +, @, space, NUL.
-    ("t{date:%Y%m%d}.{seq}", "its text may hold capital letters, digits and . _ / # = - only"),
-    ("T+{date:%Y%m%d}.{seq}", "its text may hold capital letters"),
-    ("T {date:%Y%m%d}.{seq}", "its text may hold capital letters"),
-    ("T{date:%Y@%m%d}.{seq}", "its text may hold capital letters"),
-    ("T{date:%Y%m%d}.{seq:04d}\\u0000", "its text may hold capital letters"),
+    ("t{date:%Y%m%d}.{seq}", "it writes 't20261231.999999': a number is capital letters, digits and . _ / # = - only"),
+    ("T+{date:%Y%m%d}.{seq}", "a number is capital letters"),
+    ("T {date:%Y%m%d}.{seq}", "a number is capital letters"),
+    ("T{date:%Y@%m%d}.{seq}", "a number is capital letters"),
+    ("T{date:%Y%m%d%%}.{seq}", "a number is capital letters"),
+    ("T{date:%Y%m%d}.{seq:04d}\\u0000", "a number is capital letters"),
+    ("T{date:%Y%m%d}.{seq:040d}", "longer than the 40 characters a number may have"),
 ])
 def test_a_number_format_reaching_past_date_and_seq_is_refused_in_one_line(fmt: str, why: str) -> None:
     message = error_of(f'[numbering]\nticket = "{fmt}"\n\n' + MAILBOX)
@@ -186,8 +191,7 @@ def test_a_ticket_tag_other_than_text_and_number_is_refused(tag: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["T{date:%Y%m%d}.{seq:04d}", "T-{date:%y%j}-{seq}", "INC{date:%Y%m%d%H}{seq:06}",
-                                 "{date:%d.%m.%Y}/{seq:03d}", "INC-{seq:06d}", "CASE{date:%Y}-{seq:05d}",
-                                 "T{date:%Y%m%d%%}{seq}"])
+                                 "{date:%d.%m.%Y}/{seq:03d}", "CASE#{date:%Y%j}={seq:05d}"])
 def test_plain_number_formats_are_taken_and_their_numbers_are_found_again(fmt: str) -> None:
     from datetime import datetime, timezone
 
@@ -221,3 +225,9 @@ def test_the_intake_session_cap_and_idle_timeout_must_be_positive() -> None:
         error_of(MAILBOX + source + "max_sessions = 0\n")
     assert "mailbox[0].source.idle_timeout_seconds: input should be greater than 0, got 0" in \
         error_of(MAILBOX + source + "idle_timeout_seconds = 0\n")
+
+
+def test_tickets_tasks_and_projects_need_formats_of_their_own() -> None:
+    same = 'ticket = "N{date:%Y%m%d}.{seq}"\ntask = "N{date:%Y%m%d}.{seq}"\n'
+    assert "ticket, task and project numbers need formats of their own" in \
+        error_of("[numbering]\n" + same + "\n" + MAILBOX)

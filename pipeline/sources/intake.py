@@ -18,6 +18,7 @@ from one peer (our MX is never refused), and a session silent for `idle_timeout_
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import re
@@ -219,16 +220,16 @@ class _Bounded:
         super().connection_made(transport)  # type: ignore[misc]
         handler = self.event_handler
         peer = _peer_address(transport.get_extra_info("peername"))
-        self._peer = peer
+        self._peer = _host_of(peer)
         handler.sessions += 1
-        handler.by_peer[peer] += 1
+        handler.by_peer[self._peer] += 1
         limit = handler.listener.max_sessions
         if not handler.listener.is_relay(peer) and (
-                handler.sessions > limit or handler.by_peer[peer] > max(1, limit // 2)):
+                handler.sessions > limit or handler.by_peer[self._peer] > max(1, limit // 2)):
             self._handler_coroutine.cancel()  # type: ignore[attr-defined]  # no greeting: 421 instead
             transport.write(b"421 4.7.0 Too many sessions, try again later\r\n")  # type: ignore[attr-defined]
             transport.close()
-            handler.note_refusal(peer)
+            handler.note_refusal(self._peer)
 
     def connection_lost(self, error: Exception | None) -> None:
         handler = self.event_handler
@@ -242,9 +243,27 @@ class _Bounded:
         self._reset_timeout()  # type: ignore[attr-defined]
         super().data_received(data)  # type: ignore[misc]
 
+    def _timeout_cb(self) -> None:
+        # aiosmtpd closes, which waits for our replies to drain: a peer that stops reading would
+        # hold its session for ever. Silent this long, it gets nothing more.
+        transport = getattr(self, "transport", None)
+        if transport is not None:
+            transport.abort()
+
 
 def _peer_address(peername: object) -> str | None:
     return str(peername[0]) if isinstance(peername, tuple) and peername else None
+
+
+def _host_of(address: str | None) -> str | None:
+    """What counts as one peer for the per-peer cap: an IPv4 address, or an IPv6 /64 (one host's share)."""
+    try:
+        ip = ipaddress.ip_address((address or "").split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 class _BoundedSMTP(_Bounded, SMTP):
@@ -275,6 +294,10 @@ def start_listener(listener: Listener, sink: Sink, redis_client: redis.Redis) ->
     controller.start()
     log.info("%s listener on %s:%s for %s", listener.kind.upper(), listener.host, listener.port,
              ", ".join(sorted(listener.routes)))
+    for box in {box.name: box for box in listener.routes.values()}.values():
+        if box.trust.authserv_ids and not box.trust.intake_relays:
+            log.warning("mailbox %s: no [mailbox.trust] intake_relays: no Authentication-Results in mail to this "
+                        "listener is believed, and the session cap does not spare your MX", box.name)
     return controller
 
 

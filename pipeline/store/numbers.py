@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, SessionTransaction
 
-from pipeline.config import NumberingSettings, sequence_period
+from pipeline.config import NumberingSettings
 from pipeline.store.db import count_change
 from pipeline.store.locks import NO_WAIT
 from pipeline.store.models import NumberSequence
@@ -23,7 +23,7 @@ log = logging.getLogger("pipeline.store")
 
 
 def allocate_number(session: Session, kind: str, numbering: NumberingSettings, now: datetime) -> str:
-    """The next number of `kind` in its sequence: per day in the configured time zone (`sequence_period`).
+    """The next number of `kind` for today's date in the configured time zone.
 
     One upsert that increments and returns the counter: atomic on PostgreSQL (the row
     lock serialises concurrent writers) and on SQLite (one writer at a time). A SQLite batch
@@ -38,14 +38,14 @@ def allocate_number(session: Session, kind: str, numbering: NumberingSettings, n
     """
     local = now.astimezone(ZoneInfo(numbering.timezone))
     dialect = session.get_bind().dialect.name
-    fmt = getattr(numbering, kind)
-    params = {"kind": kind, "day": sequence_period(fmt, local)}
+    params = {"kind": kind, "day": local.strftime("%Y-%m-%d")}
     if session.info.get(NO_WAIT) and dialect == "postgresql":
         seq = _take_from_block(session, params)
     elif dialect == "sqlite" and holding_back(session):
         seq = _counted_on(session, params)
     else:
         seq = session.connection().execute(_upsert(dialect), params).scalar_one()  # Core: the ORM path costs more
+    fmt = getattr(numbering, kind)
     return fmt.format(date=local, seq=seq)
 
 

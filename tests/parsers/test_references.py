@@ -34,8 +34,8 @@ def test_task_and_project_numbers_are_found() -> None:
 
 
 def test_custom_formats_are_honoured() -> None:
-    custom = NumberingSettings(ticket="INC-{seq:06d}")
-    assert find_ticket_number("Re: INC-000123 outage", custom) == "INC-000123"
+    custom = NumberingSettings(ticket="INC-{date:%y%j}-{seq:06d}")
+    assert find_ticket_number("Re: INC-26341-000123 outage", custom) == "INC-26341-000123"
 
 
 def test_our_message_ids_name_their_entity() -> None:

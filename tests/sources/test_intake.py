@@ -312,3 +312,37 @@ def test_a_slow_sender_of_a_big_mail_is_not_cut_off_by_the_idle_timeout(
             smtp.sock.sendall(b"\r\n.\r\n")
             assert smtp.getreply()[0] == 250
     assert ticket_titles(store) == ["Scanned contract"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_peer_that_stops_reading_is_cut_off_when_silent_and_its_place_freed(
+        tmp_path: Path, db_url: str, key_prefix: str, store: Store, redis_client: redis.Redis) -> None:
+    # It pipelines commands without reading a reply, then says nothing: our replies can never drain.
+    port = free_port()
+    config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix,
+                          _smtp_source(port, max_sessions=2, idle_timeout_seconds=1))
+    for _ in _listen(config, MailProcessor(config, store, redis_client), redis_client):
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        stuck.connect(("127.0.0.1", port))
+        stuck.setblocking(False)
+        until = time.monotonic() + 3
+        while time.monotonic() < until:
+            try:
+                stuck.send(b"HELP\r\n" * 1000)
+            except BlockingIOError:  # the server stopped reading: its replies are stuck
+                time.sleep(0.05)
+            except ConnectionError:  # silent for a second while stuck: cut off
+                break
+        # One peer may hold one of these two places; once the stuck one is gone, it may come back.
+        wait_until(lambda: _greeting(port, "127.0.0.1") == 220, 10, "the silent session was never ended")
+        stuck.close()
+
+
+def test_one_ipv6_host_counts_as_one_peer_however_many_addresses_of_its_64_it_uses() -> None:
+    from pipeline.sources.intake import _host_of
+
+    assert _host_of("2001:db8:1:2::1") == _host_of("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert _host_of("2001:db8:1:3::1") != _host_of("2001:db8:1:2::1")
+    assert _host_of("::ffff:192.0.2.7") == _host_of("192.0.2.7") == "192.0.2.7"
+    assert _host_of(None) is None

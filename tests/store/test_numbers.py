@@ -237,21 +237,3 @@ def test_a_sequence_past_9999_widens(db_url: str) -> None:
         assert allocate_number(session, "ticket", numbering, at) == "T20261123.10000"
     store.dispose()
 
-
-def test_a_number_without_the_day_counts_on_across_days_and_one_with_it_restarts(db_url: str) -> None:
-    # The counter follows what the format's date writes: a format naming no day would repeat its
-    # numbers every day if it counted per day.
-    store = Store(db_url)
-    numbering = NumberingSettings(ticket="INC-{seq:06d}", task="K{date:%Y}-{seq:04d}")
-    days = [datetime(2026, 12, 31, 12, 0, tzinfo=timezone.utc), datetime(2027, 1, 1, 12, 0, tzinfo=timezone.utc),
-            datetime(2027, 1, 2, 12, 0, tzinfo=timezone.utc)]
-    with store.transaction() as session:
-        tickets = [allocate_number(session, "ticket", numbering, day) for day in days]
-        tasks = [allocate_number(session, "task", numbering, day) for day in days]
-        projects = [allocate_number(session, "project", numbering, day) for day in days]
-    assert tickets == ["INC-000001", "INC-000002", "INC-000003"]
-    assert tasks == ["K2026-0001", "K2027-0001", "K2027-0002"]
-    assert projects == ["P20261231.0001", "P20270101.0001", "P20270102.0001"]
-    with store.sessions() as session:  # a day's counter keeps the key it always had
-        assert ("project", "2027-01-02") in {(r.kind, r.day) for r in session.scalars(select(NumberSequence))}
-    store.dispose()
