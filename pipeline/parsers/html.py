@@ -34,7 +34,7 @@ _HIDDEN = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden|mso-hide\s*:\s
 _MSO_LIST_IGNORE = re.compile(r"mso-list\s*:\s*ignore", re.IGNORECASE)
 _MSO_LIST_ITEM = re.compile(r"mso-list\s*:\s*l\d+\s+level(\d+)", re.IGNORECASE)
 _NUMBERED_MARK = re.compile(r"^\(?[0-9]{1,3}[.)]$|^\(?[a-zA-Z][.)]$|^\(?[ivxlc]{1,5}[.)]$")
-_TAG = re.compile(r"<[^>]*>")
+_TAG = re.compile(r"<[^<>]*>")  # "<" excluded: a run of "<" without ">" is scanned once, not once per "<"
 _OUTLOOK_RULE = "_" * 32
 
 
@@ -127,19 +127,59 @@ class _Writer:
 
 
 def html_to_text(html: str) -> str:
+    return html_to_text_noted(html)[0]
+
+
+def html_to_text_noted(html: str) -> tuple[str, str | None]:
+    """The text of `html`, and a note when it could only be had without the markup's structure."""
     if not html or not html.strip():
-        return ""
+        return "", None
     html = _BAD_XML_CHARS.sub("", _XML_DECLARATION.sub("", html, count=1))
     try:
         root = lxml.html.document_fromstring(html, parser=_PARSER)
     except (etree.ParserError, ValueError, TypeError):
-        return _fallback(html)
+        return _fallback(html), None
+    if _stopped(_PARSER):
+        # libxml2 stops at 2048 levels of nesting and drops the rest of the mail: all of its
+        # text, without the layout, is worth more than the layout of its first part.
+        return _fallback(html), f"HTML nested deeper than {_HUGE_DEPTH} levels: its text kept without its layout"
     if root is None:
-        return _fallback(html)
+        return _fallback(html), None
     body = root.find("body")
     text = _render(body if body is not None else root)
-    # libxml2 gives up below ~2000 levels of nesting; what it dropped is still text.
-    return text or _fallback(html)
+    return text or _fallback(html), None
+
+
+_HUGE_DEPTH = 2048  # libxml2's nesting limit with huge_tree (XML_PARSE_HUGE); 256 without
+
+
+def _stopped(parser: etree.HTMLParser) -> bool:
+    """Did libxml2 give up on the last document (a resource limit, such as its nesting depth)?"""
+    last = parser.error_log.last_error  # a limit ends the parse: it is the last error (and O(1) to ask)
+    return last is not None and last.level_name == "FATAL"
+
+
+def normalized(html: str) -> str | None:
+    """`html` as libxml2 reads it, re-written with every element closed and nested at most 256
+    deep; None when it is nested deeper (libxml2 would drop the rest).
+
+    What the sanitizer is given when the HTML could make it slow: html5ever (nh3's parser) walks
+    its stack of open elements for every start tag and re-opens unclosed formatting elements in
+    every later block, so deep or unclosed nesting costs it seconds and gigabytes; libxml2
+    (C, linear) closes everything first, and within its depth limit nothing is lost.
+    """
+    try:
+        root = lxml.html.document_fromstring(_BAD_XML_CHARS.sub("", html), parser=_BOUNDED_PARSER)
+    except (etree.ParserError, ValueError, TypeError):
+        return None
+    if root is None or _stopped(_BOUNDED_PARSER):
+        return None
+    return lxml.html.tostring(root, encoding="unicode")
+
+
+# As _PARSER, but at libxml2's default nesting limit (256): deeper than that, no mail is real.
+_BOUNDED_PARSER = lxml.html.HTMLParser(remove_comments=True, remove_pis=True, no_network=True, recover=True,
+                                       huge_tree=False, default_doctype=False)
 
 
 def _fallback(html: str) -> str:

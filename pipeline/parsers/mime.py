@@ -34,7 +34,7 @@ from pipeline.parsers import forward, tnef
 from pipeline.parsers.autoreply import Bounce, auto_reply_reason, bounce_info
 from pipeline.parsers.charset import decode_bytes, decode_header_value
 from pipeline.parsers.forward import Forwarded, forwarded_origin
-from pipeline.parsers.html import html_to_text
+from pipeline.parsers.html import html_to_text_noted
 from pipeline.parsers.params import split_header
 from pipeline.parsers.reply import new_text
 from pipeline.parsers.sanitize import sanitize_html
@@ -134,7 +134,7 @@ _PLACEHOLDER = re.compile(
     r"|view (?:it|this (?:e-?mail|message)) in (?:your|a) (?:web )?browser|nachricht im html-format",
     re.IGNORECASE,
 )
-_TAG = re.compile(r"<[^>]*>|&[a-z#0-9]+;", re.IGNORECASE)
+_TAG = re.compile(r"<[^<>]*>|&[a-z#0-9]+;", re.IGNORECASE)  # "<" excluded: a run of "<" is scanned once, not once per "<"
 _TEXT_TRASH = re.compile("[\x00\ud800-\udfff]")
 _MAX_PARTS = 2000  # MIME parts read per mail; a mail of 10,000 parts keeps its first 2,000
 _MAX_ATTACHMENTS = 500
@@ -539,12 +539,22 @@ def _choose_body(walk: _Walk, warnings: list[str]) -> tuple[str, str | None]:
     if _faithful(plain, html):
         text = plain
     elif html is not None:
-        text = _guarded(warnings, "HTML to text", lambda: html_to_text(html), _TAG.sub(" ", html))
+        text = _guarded(warnings, "HTML to text", lambda: _html_text(html, warnings), None)
+        if text is None:  # the converter failed: the tags blanked out, computed only then
+            text = _TAG.sub(" ", html)
     else:
         text = plain
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "")
     text = _BLANK_LINE.sub("", text).strip("\n")  # "=20" spacer lines (Outlook for Mac) are blank lines
     return _clean(text), html
+
+
+def _html_text(html: str, warnings: list[str]) -> str:
+    """The HTML as text; what the converter had to give up on (e.g. nesting too deep) goes to the warnings."""
+    text, note = html_to_text_noted(html)
+    if note:
+        warnings.append(note)
+    return text
 
 
 _BLANK_LINE = re.compile(r"^[ \t\xa0]+$", re.MULTILINE)
