@@ -92,17 +92,21 @@ def _received_inside(value: str, trusted: set[str]) -> bool:
     return host in trusted
 
 
+def peer_ip(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address of a connecting peer as a socket names it, or None when it is none."""
+    try:
+        ip = ipaddress.ip_address((address or "").split("%", 1)[0])  # a link-local scope is no part of it
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:  # a dual-stack socket's IPv4 peer
+        return ip.ipv4_mapped
+    return ip
+
+
 def is_intake_relay(address: str | None, policy: TrustPolicy) -> bool:
     """Is `address`, the peer that handed a mail to our SMTP/LMTP intake, one of the policy's relays?"""
-    if not address or not policy.intake_relays:
-        return False
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])  # a link-local scope is no part of it
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:  # a dual-stack socket's IPv4 peer
-        ip = ip.ipv4_mapped
-    return any(ip in ipaddress.ip_network(relay, strict=False) for relay in policy.intake_relays)
+    ip = peer_ip(address) if policy.intake_relays else None
+    return ip is not None and any(ip in ipaddress.ip_network(relay, strict=False) for relay in policy.intake_relays)
 
 
 def evaluate(headers: list[tuple[str, str]], from_address: str, policy: TrustPolicy) -> TrustVerdict:

@@ -51,12 +51,11 @@ def sanitize_html_noted(html: str | None) -> tuple[str | None, str | None]:
     if html is None:
         return None, None
     why = _risky(html)
-    if why:
-        html = normalized(html)  # type: ignore[assignment]
-        if html is None:
-            return None, f"HTML copy not kept ({why}, nested deeper than 256 levels); its text is kept"
+    safe = normalized(html) if why else html
+    if safe is None:
+        return None, f"HTML copy not kept ({why}, nested deeper than 256 levels); its text is kept"
     try:
-        clean = nh3_clean(html)
+        clean = nh3_clean(safe)
     except Exception:  # noqa: BLE001 - nh3 refuses some input (e.g. lone surrogates): keep nothing rather than risk it
         return "", "HTML copy refused by the sanitizer"
     return clean, (f"HTML copy closed and re-nested before it was sanitized ({why})" if why else None)

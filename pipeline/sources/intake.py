@@ -39,7 +39,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from pipeline.config import ConfigError, MailboxConfig
 from pipeline.errors import CannotRun
 from pipeline.sources.base import Sink, unique
-from pipeline.trust import is_intake_relay
+from pipeline.trust import is_intake_relay, peer_ip
 
 log = logging.getLogger("pipeline.sources.intake")
 
@@ -257,13 +257,10 @@ def _peer_address(peername: object) -> str | None:
 
 def _host_of(address: str | None) -> str | None:
     """What counts as one peer for the per-peer cap: an IPv4 address, or an IPv6 /64 (one host's share)."""
-    try:
-        ip = ipaddress.ip_address((address or "").split("%", 1)[0])
-    except ValueError:
+    ip = peer_ip(address)
+    if ip is None:
         return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        return str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
 
 
 class _BoundedSMTP(_Bounded, SMTP):

@@ -210,15 +210,20 @@ def test_a_forged_authentication_results_sent_straight_to_the_intake_applies_not
     assert raw.index(b"(mailloop)") < raw.index(MX_PASS.encode())
 
 
+def _with_relays(config: Config, relays: list[str]) -> Config:
+    """`config` with the `support` mailbox's trust policy naming these intake relays."""
+    listed = ", ".join(f'"{relay}"' for relay in relays)
+    text = config.path.read_text().replace('require = "dmarc"', f'require = "dmarc"\nintake_relays = [{listed}]', 1)
+    config.path.write_text(text)
+    return parse_config(text, config.path)
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_from_an_intake_relay_the_verdict_of_our_mx_is_believed_and_the_commands_apply(
         tmp_path: Path, db_url: str, key_prefix: str, store: Store, redis_client: redis.Redis) -> None:
     port = free_port()
     config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix, _smtp_source(port))
-    text = config.path.read_text().replace('authserv_ids = ["mx.msp.example"]\nrequire = "dmarc"',
-                                          'authserv_ids = ["mx.msp.example"]\nrequire = "dmarc"\n'
-                                          'intake_relays = ["192.0.2.0/24", "127.0.0.1"]', 1)
-    config = parse_config(text, config.path)
+    config = _with_relays(config, ["192.0.2.0/24", "127.0.0.1"])
     assert config.mailbox("support").trust.intake_relays == ["192.0.2.0/24", "127.0.0.1"]
     for _ in _listen(config, MailProcessor(config, store, redis_client), redis_client):
         _send(port, "smtp", technician_mail([MX_PASS, MX_RECEIVED]))
@@ -234,8 +239,7 @@ def test_a_relay_range_that_does_not_hold_the_peer_does_not_vouch_for_it(
         tmp_path: Path, db_url: str, key_prefix: str, store: Store, redis_client: redis.Redis) -> None:
     port = free_port()
     config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix, _smtp_source(port))
-    text = config.path.read_text().replace('require = "dmarc"', 'require = "dmarc"\nintake_relays = ["10.0.0.0/8"]', 1)
-    config = parse_config(text, config.path)
+    config = _with_relays(config, ["10.0.0.0/8"])
     for _ in _listen(config, MailProcessor(config, store, redis_client), redis_client):
         _send(port, "smtp", technician_mail([MX_PASS, MX_RECEIVED]))
     assert what_the_commands_did(store) == ("New", [], True)
@@ -258,8 +262,7 @@ def test_strangers_hold_half_the_sessions_each_at_most_and_our_mx_is_never_refus
         tmp_path: Path, db_url: str, key_prefix: str, store: Store, redis_client: redis.Redis) -> None:
     port = free_port()
     config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix, _smtp_source(port, max_sessions=4))
-    text = config.path.read_text().replace('require = "dmarc"', 'require = "dmarc"\nintake_relays = ["127.0.0.9"]', 1)
-    config = parse_config(text, config.path)
+    config = _with_relays(config, ["127.0.0.9"])
     for _ in _listen(config, MailProcessor(config, store, redis_client), redis_client):
         held = [_session(port, "127.0.0.1"), _session(port, "127.0.0.1")]
         assert _greeting(port, "127.0.0.1") == 421  # a third from one stranger
