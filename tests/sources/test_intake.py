@@ -218,17 +218,18 @@ def _with_relays(config: Config, relays: list[str]) -> Config:
     return parse_config(text, config.path)
 
 
+@pytest.mark.parametrize("kind", ["smtp", "lmtp"])
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_from_an_intake_relay_the_verdict_of_our_mx_is_believed_and_the_commands_apply(
-        tmp_path: Path, db_url: str, key_prefix: str, store: Store, redis_client: redis.Redis) -> None:
+        tmp_path: Path, db_url: str, key_prefix: str, store: Store, redis_client: redis.Redis, kind: str) -> None:
     port = free_port()
-    config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix, _smtp_source(port))
+    config = write_config(tmp_path / "mailboxes.toml", db_url, key_prefix, _smtp_source(port, kind))
     config = _with_relays(config, ["192.0.2.0/24", "127.0.0.1"])
     assert config.mailbox("support").trust.intake_relays == ["192.0.2.0/24", "127.0.0.1"]
     for _ in _listen(config, MailProcessor(config, store, redis_client), redis_client):
-        _send(port, "smtp", technician_mail([MX_PASS, MX_RECEIVED]))
+        _send(port, kind, technician_mail([MX_PASS, MX_RECEIVED]))
         # The relay is believed for what our MX wrote, not for what the mail brought along.
-        _send(port, "smtp", technician_mail([OUTSIDE_RECEIVED, MX_PASS], subject="Server rebooted"))
+        _send(port, kind, technician_mail([OUTSIDE_RECEIVED, MX_PASS], subject="Server rebooted"))
 
     assert what_the_commands_did(store) == ("Resolved", [8.0], False)
     assert what_the_commands_did(store, "Server rebooted") == ("New", [], True)
